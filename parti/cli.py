@@ -1,0 +1,154 @@
+"""The `parti` command: parses arguments and calls library functions; no model logic lives here.
+
+Training flags are generated from the training config dataclasses, so every config field is a flag
+and no flag is silently dropped. A user mistake prints one line (`parti: error: ...`) and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls, *, positional: tuple[str, ...] = ()) -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                    help=f"turn off {f.name} (default on)")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help="(default off)")
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default: {f.default!r})")
+
+
+def _config(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def cmd_train_tokenizer(args) -> None:
+    from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    out = train_tokenizer(_config(TokenizerTrainConfig, args))
+    print(f"tokenizer saved in {out} (load with parti.load_tokenizer({str(out)!r}))")
+
+
+def cmd_train(args) -> None:
+    from parti.train_generator import GeneratorTrainConfig, train_generator
+
+    out = train_generator(_config(GeneratorTrainConfig, args))
+    print(f"generator saved in {out}; sample with: parti sample --checkpoint {out} --prompt \"...\"")
+
+
+def cmd_encode(args) -> None:
+    from parti import text
+    from parti.cache import encode_dataset
+
+    encoder = None if args.text_encoder == "trainable" else text.load_t5(args.text_encoder, device=args.device or "cpu")
+    out = encode_dataset(data=args.data, tokenizer=args.tokenizer, out=args.out, text_encoder=encoder,
+                         batch_size=args.batch_size, device=args.device, synthetic_length=args.synthetic_length,
+                         image_column=args.image_column, caption_column=args.caption_column,
+                         max_items=args.max_items)
+    print(f"code cache written to {out}")
+
+
+def cmd_sample(args) -> None:
+    from parti.pipeline import load_pipeline
+    from parti.plots import sample_grid
+
+    if not args.prompt:
+        raise_error("no prompts given; pass --prompt \"...\" (repeatable)")
+    pipe = load_pipeline(args.checkpoint, device=args.device, text_encoder_path=args.text_encoder_path)
+    result = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sample_grid(result.images.cpu(), args.prompt, images_per_prompt=args.num_images, path=args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_plot(args) -> None:
+    from parti.plots import plot_run
+
+    for path in plot_run(args.run_dir, out_dir=args.out):
+        print(path)
+
+
+def raise_error(message: str) -> None:
+    from parti.errors import PartiError
+
+    raise PartiError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from parti.train_generator import GeneratorTrainConfig
+    from parti.train_tokenizer import TokenizerTrainConfig
+
+    parser = argparse.ArgumentParser(prog="parti", description="Parti text-to-image on faces.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train the ViT-VQGAN image tokenizer (stage 1)")
+    _add_config_flags(p, TokenizerTrainConfig)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("train", help="train the generator (stage 2) on a code cache or dataset")
+    _add_config_flags(p, GeneratorTrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("encode", help="run the frozen tokenizer (and T5) over a dataset once: the code cache")
+    p.add_argument("--data", required=True, help="synthetic, a folder, hf:NAME or a dataset path")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--text-encoder", default="trainable",
+                   help="trainable (cache captions only) or a frozen T5: t5-small|t5-base|t5-large|hub name|folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--synthetic-length", type=int, default=20000)
+    p.add_argument("--image-column", default=None)
+    p.add_argument("--caption-column", default=None)
+    p.add_argument("--max-items", type=int, default=None, help="encode at most this many items per split")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("sample", help="generate a grid of images for prompts from a generator folder")
+    p.add_argument("--checkpoint", required=True, help="generator run folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
+    p.add_argument("--out", default="images/samples.png")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("plot", help="draw a run's loss curves and latest grids")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="folder for the pictures (default RUN_DIR/plots)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from parti.errors import PartiError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except PartiError as e:
+        print(f"parti: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("parti: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

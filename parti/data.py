@@ -1,0 +1,522 @@
+"""Image sources behind one interface: `open_source(spec)` -> an ImageSource of {"image", "caption", "index"}.
+
+spec is "synthetic" (parti.synthetic faces), a folder of images, "hf:NAME" (a hub dataset), a local
+.parquet file or folder of them, or an imagefolder-style folder with metadata.csv/jsonl/parquet.
+Every item's image is a float32 (3, S, S) tensor in [-1, 1]. An unreadable image never stops an epoch:
+the item comes back as None (warned once, counted in `source.skipped`) and `collate` drops it.
+`make_loader` shuffles with (seed, epoch) and can start at any batch, so a run resumes exactly.
+Split rules (documented in docs/synthetic.md): folders hold out their last 10% as val (FFHQ's 70,000:
+the last 10,000); tables without a val split hold out every 20th row.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import functools
+import io
+import itertools
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from parti.errors import PartiError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+FFHQ_SIZE, FFHQ_TRAIN = 70_000, 60_000  # FFHQ's official split: images 00000-59999 train, the rest val
+VAL_EVERY = 20  # tables without a val split: rows 19, 39, 59, ... (5%) are val, in streaming mode too
+VAL_SPLIT_NAMES = ("validation", "val", "valid", "test")
+DEFAULT_CAPTION_COLUMNS = {"cr7Por/ffhq_controlnet_5_2_23": "image_caption"}
+SYNTHETIC_LENGTHS = {"train": 10_000, "val": 1_000}
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file or table cell that could not be decoded; the item is skipped."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16-bit and float scaled to 8 bits."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or a.max() > 255:
+            a = a / 257.0  # 16-bit range [0, 65535] -> [0, 255]
+        elif img.mode == "F" and a.max() <= 1.0:
+            a = a * 255.0
+        img = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image, size: int, *, flip: bool = False) -> torch.Tensor:
+    """PIL image of any size and mode -> float32 (3, size, size) in [-1, 1].
+
+    The shorter side is resized to `size` (LANCZOS down, BICUBIC up) and the centre square kept;
+    both happen in one resize of the centre crop box. `flip` mirrors left-right.
+    """
+    img = _to_rgb(img)
+    w, h = img.size
+    if (w, h) != (size, size):
+        side = min(w, h)
+        crop = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        down = side > size
+        img = img.resize((size, size), Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC,
+                         box=crop, reducing_gap=3.0 if down else None)
+    # numpy, not torch, for the arithmetic: no intra-op thread pool per item (and in each worker)
+    x = (np.asarray(img, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).transpose(2, 0, 1)  # (3, H, W)
+    return torch.from_numpy(np.ascontiguousarray(x[:, :, ::-1] if flip else x))
+
+
+class _Unreadable(Exception):
+    """Decoding one stored image (or its caption file) failed: the item is skipped, not the run."""
+
+
+def _open_image(value: Any) -> Image.Image:
+    """A file path, bytes, {"bytes", "path"} table cell or PIL image -> decoded RGB image."""
+    try:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, Image.Image):
+            return _to_rgb(value)
+        if isinstance(value, (bytes, bytearray)):
+            value = io.BytesIO(value)
+        elif not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"not an image: {type(value).__name__}")
+        with Image.open(value) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ... on bad files
+        raise _Unreadable(str(err) or type(err).__name__) from err
+
+
+class ImageSource(Dataset):
+    """Base of all sources. Subclasses implement `_load(index) -> (RGB image, caption, extra fields)`.
+
+    `source[i]` or `source[(i, flip)]` gives {"image": (3, S, S) float, "caption": str | None,
+    "index": i, **extra}, or None when the image cannot be read.
+    """
+
+    def __init__(self, *, name: str, split: str, image_size: int, has_captions: bool):
+        self.name, self.split, self.image_size, self.has_captions = name, split, image_size, has_captions
+        self.skipped = 0  # distinct unreadable items met by this process (DataLoader workers count their own)
+        self._warned: set[int] = set()
+
+    def _load(self, index: int) -> tuple[Image.Image, str | None, dict]:
+        raise NotImplementedError
+
+    def _item(self, index: int, flip: bool, load: Callable[[], tuple]) -> dict | None:
+        try:
+            img, caption, extra = load()
+            image = to_tensor(img, self.image_size, flip=flip)
+        except _Unreadable as err:  # a bad file skips the item, never the epoch; other errors are bugs
+            if index not in self._warned:
+                self._warned.add(index)
+                self.skipped += 1
+                warnings.warn(f"skipping unreadable image {self._describe(index)}: {err}", UnreadableImageWarning,
+                              stacklevel=2)
+            return None
+        return {"image": image, "caption": caption, "index": index, **extra}
+
+    def _describe(self, index: int) -> str:
+        return f"{self.name} item {index}"
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> dict | None:
+        index, flip = key if isinstance(key, tuple) else (key, False)  # samplers from make_loader pass flips
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return self._item(index, flip, lambda: self._load(index))
+
+    def _check_readable(self) -> None:
+        """An empty source (no item decodes) is a user error, found now rather than as an endless epoch."""
+        for index in range(len(self)):
+            try:
+                self._load(index)
+                return
+            except _Unreadable:
+                continue
+        raise PartiError(f"{self.name} ({self.split}) has no readable images among its {len(self)} items")
+
+    def __repr__(self) -> str:
+        size = f"{len(self)} items" if not isinstance(self, IterableDataset) else "streaming"
+        return f"{type(self).__name__}({self.name!r}, split={self.split!r}, {size}, {self.image_size}px)"
+
+
+class FolderSource(ImageSource):
+    """Image files under a folder (recursive, sorted); a sidecar `NAME.txt` is the caption of `NAME.png`."""
+
+    def __init__(self, files: list[Path], captions: set[Path], *, name: str, split: str, image_size: int):
+        super().__init__(name=name, split=split, image_size=image_size, has_captions=bool(captions))
+        self.files, self._captions = files, captions
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> tuple[Image.Image, str | None, dict]:
+        path = self.files[index]
+        txt = path.with_suffix(".txt")
+        try:
+            caption = txt.read_text(encoding="utf-8").strip() if txt in self._captions else None
+        except (OSError, UnicodeDecodeError) as err:
+            raise _Unreadable(f"caption file {txt}: {err}") from err
+        return _open_image(path), caption, {}
+
+    def _describe(self, index: int) -> str:
+        return str(self.files[index])
+
+
+class TableSource(ImageSource):
+    """Rows of a `datasets.Dataset` (hub, parquet or imagefolder); `rows` maps item -> table row."""
+
+    def __init__(self, table: Any, rows: np.ndarray, *, image_column: str, caption_column: str | None, name: str,
+                 split: str, image_size: int):
+        super().__init__(name=name, split=split, image_size=image_size, has_captions=caption_column is not None)
+        self.table, self.rows = table, rows
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _load(self, index: int) -> tuple[Image.Image, str | None, dict]:
+        row = self.table[int(self.rows[index])]
+        return _open_image(row[self.image_column]), _caption(row, self.caption_column), {}
+
+
+class SyntheticSource(ImageSource):
+    """parti.synthetic faces rendered at the source's size; items also carry their "attributes"."""
+
+    def __init__(self, faces: Any, *, split: str, image_size: int):
+        super().__init__(name="synthetic", split=split, image_size=image_size, has_captions=True)
+        self.faces = faces
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def _load(self, index: int) -> tuple[Image.Image, str | None, dict]:
+        return _load_face(self.faces, index)
+
+
+def _caption(row: dict, column: str | None) -> str | None:
+    if column is None or row[column] is None:
+        return None
+    value = row[column]
+    return str(value[0] if isinstance(value, (list, tuple)) and value else value)  # several captions: first
+
+
+class StreamSource(ImageSource, IterableDataset):
+    """A streamed table (or endless synthetic faces): one pass per epoch, no length, no random access.
+
+    `rows()` yields (index, payload) and `load(payload)` decodes one; both must pickle (spawned workers).
+    Batch k of an epoch is always positions [k*B, (k+1)*B) of the (seeded, buffer-shuffled) stream,
+    whatever the number of workers: every worker reads the whole stream and decodes only its chunks.
+    """
+
+    def __init__(self, rows: Callable[[], Iterator[tuple[int, Any]]], load: Callable[[Any], tuple], *, name: str,
+                 split: str, image_size: int, has_captions: bool):
+        super().__init__(name=name, split=split, image_size=image_size, has_captions=has_captions)
+        self._rows, self._load_row = rows, load
+        self.for_epoch(shuffle=False, seed=0, epoch=0, flip_prob=0.0, batch_size=1, start=0, buffer=1000, copy=False)
+
+    def for_epoch(self, *, shuffle: bool, seed: int, epoch: int, flip_prob: float, batch_size: int, start: int,
+                  buffer: int, copy: bool = True) -> StreamSource:
+        """A copy (or self) that iterates one epoch in this order, from position `start`; see make_loader."""
+        stream = _copy.copy(self) if copy else self
+        stream.shuffle, stream.seed, stream.epoch, stream.flip_prob = shuffle, seed, epoch, flip_prob
+        stream.batch_size, stream.start, stream.buffer = batch_size, start, buffer
+        return stream
+
+    def __iter__(self) -> Iterator[dict | None]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)  # same in every worker
+        rows = _buffer_shuffle(self._rows(), self.buffer, rng) if self.shuffle else self._rows()
+        seen = readable = 0
+        for pos, (index, payload) in enumerate(rows):
+            seen += 1
+            flip = rng.random() < self.flip_prob  # drawn for every position so workers agree
+            if pos < self.start or (pos - self.start) // self.batch_size % workers != worker:
+                continue
+            item = self._item(index, flip, functools.partial(self._load_row, payload))
+            readable += item is not None
+            yield item  # None for an unreadable row keeps batches aligned; collate drops it
+        if seen == 0 or (readable == 0 and workers == 1 and self.start == 0):
+            raise PartiError(f"{self.name} ({self.split}) has no readable images ({seen} rows)")
+
+    def __getitem__(self, key: Any) -> dict | None:
+        raise PartiError(f"{self.name} is streamed: iterate it or use make_loader; it has no random access")
+
+
+def _buffer_shuffle(rows: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Approximate shuffle of a stream with a `size`-item buffer (as datasets' IterableDataset.shuffle)."""
+    buffer: list = []
+    for row in rows:
+        if len(buffer) < size:
+            buffer.append(row)
+            continue
+        k = rng.randrange(size)
+        yield buffer[k]
+        buffer[k] = row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---- open_source -------------------------------------------------------------------------------
+
+def open_source(spec: str, *, split: str = "train", image_size: int = 128, image_column: str | None = None,
+                caption_column: str | None = None, streaming: bool = False, synthetic_length: int | None = None,
+                seed: int = 0, holdout: bool = False) -> ImageSource:
+    """Open `spec` ("synthetic", a folder, "hf:NAME", a parquet file/folder, an imagefolder) as a source.
+
+    `caption_column="none"` reads a table as images only. For "synthetic", `synthetic_length=None`
+    means 10,000 train / 1,000 val faces, and `streaming=True` means an endless stream.
+    """
+    if split not in ("train", "val"):
+        raise PartiError(f"unknown split {split!r}; use 'train' or 'val'")
+    if image_size < 8:
+        raise PartiError(f"image_size must be >= 8, got {image_size}")
+    common = {"split": split, "image_size": image_size}
+    if spec == "synthetic":
+        return _open_synthetic(synthetic_length, seed, holdout, streaming, common)
+    if spec.startswith("hf:"):
+        tables = _load_tables(spec[3:], spec, streaming=streaming)
+        return _open_table(tables, spec[3:], spec, image_column, caption_column, common)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise PartiError(f"no such file or folder {spec!r}; pass 'synthetic', a folder of images, a .parquet "
+                         "file or folder, or hf:NAME")
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise PartiError(f"{spec!r} is a file but not .parquet; pass a .parquet file or a folder of images")
+        tables = _load_tables("parquet", spec, streaming=streaming, data_files=str(path))
+    else:
+        images, texts, parquets, metadata = _walk(path)
+        if not (metadata or parquets):
+            return _open_folder(images, texts, spec, common)
+        # imagefolder: captions and other columns come from the metadata file; else parquet shards
+        tables = _load_tables("imagefolder" if metadata else "parquet", spec, streaming=streaming, data_dir=str(path))
+    return _open_table(tables, str(path), spec, image_column, caption_column, common)
+
+
+def _load_tables(path: str, spec: str, *, streaming: bool, data_files: str | None = None,
+                 data_dir: str | None = None) -> Any:
+    """datasets.load_dataset -> a DatasetDict (or IterableDatasetDict); its failures become one line."""
+    import datasets  # heavy; imported only when a table is opened
+
+    try:
+        return datasets.load_dataset(path, data_files=data_files, data_dir=data_dir, streaming=streaming)
+    except Exception as err:
+        raise PartiError(f"could not load dataset {spec!r}: {(str(err) or repr(err)).splitlines()[0]}") from err
+
+
+def _walk(root: Path) -> tuple[list[Path], set[Path], list[Path], list[Path]]:
+    """One recursive listing: image files (sorted), .txt files, .parquet files, metadata files."""
+    images, texts, parquets, metadata = [], set(), [], []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, .cache, ...
+        for f in files:
+            if f.startswith("."):
+                continue
+            p, ext = Path(folder) / f, os.path.splitext(f)[1].lower()
+            if f in METADATA_FILES:
+                metadata.append(p)
+            elif ext in IMAGE_EXTENSIONS:
+                images.append(p)
+            elif ext == ".txt":
+                texts.add(p)
+            elif ext == ".parquet":
+                parquets.append(p)
+    images.sort(key=lambda p: p.relative_to(root).as_posix())
+    return images, texts, parquets, metadata
+
+
+def folder_train_count(n: int) -> int:
+    """How many of a folder's n sorted images are train: FFHQ's 60,000 of 70,000, else all but the last 10%."""
+    return FFHQ_TRAIN if n == FFHQ_SIZE else n - (max(1, n // 10) if n >= 2 else 0)
+
+
+def _open_folder(images: list[Path], texts: set[Path], spec: str, common: dict) -> FolderSource:
+    n = len(images)
+    if n == 0:
+        raise PartiError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) under {spec!r}")
+    n_train = folder_train_count(n)
+    files = images[:n_train] if common["split"] == "train" else images[n_train:]
+    if not files:
+        raise PartiError(f"{spec!r} has {n} image(s), too few for a val split (the last 10%); add images")
+    captions = {t for t in (f.with_suffix(".txt") for f in files) if t in texts}
+    source = FolderSource(files, captions, name=spec, **common)
+    source._check_readable()
+    return source
+
+
+class _EveryNth:
+    """Row filter of a derived split: val keeps rows i % VAL_EVERY == VAL_EVERY - 1, train the others."""
+
+    def __init__(self, val: bool):
+        self.val = val
+
+    def __call__(self, i: int) -> bool:
+        return (i % VAL_EVERY == VAL_EVERY - 1) == self.val
+
+    def mask(self, n: int) -> np.ndarray:
+        return (np.arange(n) % VAL_EVERY == VAL_EVERY - 1) == self.val
+
+
+def _pick_split(tables: Any, split: str, spec: str) -> tuple[Any, _EveryNth | None]:
+    """(table, row filter or None): a named val split if there is one, else every VAL_EVERY-th row."""
+    names = list(tables)
+    val_name = next((v for v in VAL_SPLIT_NAMES if v in names), None)
+    if split == "val" and val_name is not None:
+        return tables[val_name], None
+    base = "train" if "train" in names else (names[0] if len(names) == 1 else None)
+    if base is None:
+        raise PartiError(f"{spec!r} has splits {names} and none is 'train'; use a dataset with a train split")
+    if val_name is not None:
+        return tables[base], None
+    return tables[base], _EveryNth(val=split == "val")
+
+
+def _stream_rows(table: Any, keep: _EveryNth | None) -> Iterator[tuple[int, Any]]:
+    """(index within the split, row) of a streamed table, the split's rows only."""
+    # `iter(table)` inside a DataLoader worker would read only that worker's shards; `table.iter`
+    # reads them all, which StreamSource needs so that every worker sees the same order.
+    rows = (dict(zip(batch, values)) for batch in table.iter(batch_size=64) for values in zip(*batch.values()))
+    return enumerate(row for i, row in enumerate(rows) if keep is None or keep(i))
+
+
+def _load_row(image_column: str, caption_column: str | None, row: dict) -> tuple:
+    return _open_image(row[image_column]), _caption(row, caption_column), {}
+
+
+def _open_table(tables: Any, name: str, spec: str, image_column: str | None, caption_column: str | None,
+                common: dict) -> ImageSource:
+    import datasets
+
+    table, keep = _pick_split(tables, common["split"], spec)
+    features = table.features or {}
+    columns = list(table.column_names or []) or list(next(iter(table), {}))  # unknown features: peek a row
+    image_column = image_column or "image"
+    if image_column not in columns:
+        raise PartiError(f"column {image_column!r} not in dataset; columns are {columns}; pass --image-column")
+    if caption_column == "none":
+        caption_column = None
+    elif caption_column is not None:
+        if caption_column not in columns:
+            raise PartiError(f"column {caption_column!r} not in dataset; columns are {columns}; pass --caption-column")
+    else:
+        default = DEFAULT_CAPTION_COLUMNS.get(name, "text")
+        texts = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        if default in columns:
+            caption_column = default
+        elif texts:  # text columns but not the default one: ambiguous, ask rather than guess
+            raise PartiError(f"column {default!r} not in dataset; columns are {columns}; pass --caption-column "
+                             "(or --caption-column none for images only)")
+    if isinstance(features.get(image_column), datasets.Image):
+        table = table.cast_column(image_column, datasets.Image(decode=False))  # we decode, and skip failures
+    table = table.select_columns([c for c in (image_column, caption_column) if c])
+    if isinstance(table, datasets.IterableDataset):
+        return StreamSource(functools.partial(_stream_rows, table, keep),
+                            functools.partial(_load_row, image_column, caption_column), name=spec,
+                            has_captions=caption_column is not None, **common)
+    all_rows = np.arange(len(table))
+    kept = all_rows if keep is None else all_rows[keep.mask(len(table))]
+    if len(kept) == 0:
+        raise PartiError(f"{spec!r} has no rows in its {common['split']} split ({len(table)} rows in all)")
+    source = TableSource(table, kept, image_column=image_column, caption_column=caption_column, name=spec, **common)
+    source._check_readable()
+    return source
+
+
+def _open_synthetic(length: int | None, seed: int, holdout: bool, streaming: bool, common: dict) -> ImageSource:
+    from parti.synthetic import SyntheticFaces
+
+    split, size = common["split"], common["image_size"]
+    if streaming:  # endless: item i of the stream is face i
+        faces = SyntheticFaces(size=size, length=None, seed=seed, split=split, holdout=holdout)
+        return StreamSource(_endless_rows, functools.partial(_load_face, faces), name="synthetic",
+                            has_captions=True, **common)
+    faces = SyntheticFaces(size=size, length=SYNTHETIC_LENGTHS[split] if length is None else length, seed=seed,
+                           split=split, holdout=holdout)
+    return SyntheticSource(faces, **common)
+
+
+def _endless_rows() -> Iterator[tuple[int, int]]:
+    return zip(itertools.count(), itertools.count())  # (index, payload): face i is the i-th row
+
+
+def _load_face(faces: Any, index: int) -> tuple[Image.Image, str, dict]:
+    item = faces[index]
+    return item["image"], item["caption"], {"attributes": item["attributes"]}
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+class EpochSampler(Sampler):
+    """Yields (index, flip) for one epoch: a permutation and flips drawn from (seed, epoch), from `start`."""
+
+    def __init__(self, length: int, *, shuffle: bool, seed: int, flip_prob: float, epoch: int = 0, start: int = 0):
+        self.length, self.shuffle, self.seed, self.flip_prob = length, shuffle, seed, flip_prob
+        self.epoch, self.start = epoch, start
+
+    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.length - self.start)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+        flips = torch.rand(self.length, generator=g) < self.flip_prob
+        for k in range(self.start, self.length):
+            yield int(order[k]), bool(flips[k])
+
+
+def collate(batch: list[dict | None]) -> dict | None:
+    """Drop unreadable items (None) and stack the rest: image (B, 3, S, S), index (B,), lists otherwise.
+
+    "skipped" counts the dropped items (worker processes keep their own `source.skipped`). A batch
+    whose items were all unreadable collates to None; training loops skip it.
+    """
+    items = [b for b in batch if b is not None]
+    if not items:
+        return None
+    out: dict[str, Any] = {"image": torch.stack([b["image"] for b in items]),
+                           "index": torch.tensor([b["index"] for b in items]),
+                           "caption": [b["caption"] for b in items], "skipped": len(batch) - len(items)}
+    for key in items[0]:
+        if key not in out:
+            out[key] = [b[key] for b in items]
+    return out
+
+
+def make_loader(source: ImageSource, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True,
+                num_workers: int = 0, flip: bool = True, flip_prob: float = 0.5, epoch: int = 0,
+                start_batch: int = 0, shuffle_buffer: int = 1000) -> DataLoader:
+    """A DataLoader over one epoch of `source`, starting at batch `start_batch` (to resume a run).
+
+    Order and flips depend only on (seed, epoch): batch k is the same whether or not the epoch began at
+    0, and whatever `num_workers` is. Build one loader per epoch. Streamed sources shuffle within a
+    `shuffle_buffer`-row buffer.
+    """
+    if batch_size < 1 or start_batch < 0 or not 0.0 <= flip_prob <= 1.0:
+        raise PartiError(f"need batch_size >= 1, start_batch >= 0, 0 <= flip_prob <= 1; got {batch_size}, "
+                         f"{start_batch}, {flip_prob}")
+    flip_prob = flip_prob if flip else 0.0
+    start = start_batch * batch_size
+    if isinstance(source, StreamSource):
+        stream = source.for_epoch(shuffle=shuffle, seed=seed, epoch=epoch, flip_prob=flip_prob,
+                                  batch_size=batch_size, start=start, buffer=shuffle_buffer)
+        return DataLoader(stream, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                          collate_fn=collate)
+    sampler = EpochSampler(len(source), shuffle=shuffle, seed=seed, flip_prob=flip_prob, epoch=epoch, start=start)
+    return DataLoader(source, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=num_workers, collate_fn=collate)

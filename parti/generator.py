@@ -1,0 +1,215 @@
+"""Stage 2: the autoregressive transformer that predicts image codes from text states.
+
+text states (B, L, text_dim) -> linear (+ optional trainable layers) -> context (B, L, dim)
+codes (B, T=g*g) -> [BOS, c_0 .. c_{T-2}] + row/column embeddings of the target position
+  -> depth x [causal self-attention, cross-attention to the context, MLP] (pre-norm)
+  -> final norm -> fp32 logits (B, T, num_codes): logits[:, i] predicts c_i from c_<i.
+
+Classifier-free guidance: a learned null context replaces a row's text with probability
+`cond_drop_prob` during training; sampling runs conditional and null rows in one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parti.checkpoint import check_folder, config_from_dict, load_state, save_model
+from parti.errors import PartiError
+from parti.layers import MLP, Attention, Block, init_weights
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    num_codes: int = 8192  # tokenizer codebook size
+    grid_size: int = 16  # tokenizer grid: T = grid_size ** 2 image tokens
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    text_dim: int = 1024  # width of the text encoder's states (t5-large: 1024)
+    text_layers: int = 0  # trainable bidirectional layers over the (frozen) text states
+    cond_drop_prob: float = 0.1  # classifier-free guidance: share of rows trained with the null context
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise PartiError(f"generator dim {self.dim} must be divisible by heads {self.heads}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise PartiError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size ** 2
+
+
+GENERATOR_PRESETS: dict[str, GeneratorConfig] = {
+    "tiny": GeneratorConfig(num_codes=256, grid_size=8, dim=64, depth=2, heads=2, text_dim=64),
+    "demo": GeneratorConfig(num_codes=512, grid_size=8, dim=256, depth=4, heads=4, text_dim=256),
+    # The benchmark reference: dim 512, depth 6, 8 heads, 8192 codes, 16x16 tokens, 768-wide text.
+    "bench": GeneratorConfig(dim=512, depth=6, heads=8, text_dim=768),
+    # FFHQ on one Colab GPU (~125M + T5); "large" is nearer Parti-350M's width.
+    "ffhq": GeneratorConfig(dim=768, depth=12, heads=12, text_dim=1024, text_layers=2),
+    "large": GeneratorConfig(dim=1024, depth=16, heads=16, text_dim=1024, text_layers=4),
+}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: GeneratorConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.dim)
+        self.self_attn = Attention(c.dim, c.heads, dropout=c.dropout)
+        self.norm2 = nn.LayerNorm(c.dim)
+        self.cross_attn = Attention(c.dim, c.heads, dropout=c.dropout)
+        self.norm3 = nn.LayerNorm(c.dim)
+        self.mlp = MLP(c.dim, int(c.dim * c.mlp_ratio), c.dropout)
+
+    def forward(self, x, ctx_k, ctx_v, ctx_mask, *, cache: tuple[torch.Tensor, torch.Tensor] | None, pos: int):
+        h = self.norm1(x)
+        k, v = self.self_attn.project_kv(h)  # (B, H, t, d)
+        t = x.shape[1]
+        if cache is not None:
+            # Write this step's keys/values into the pre-allocated buffers, attend over all so far.
+            cache[0][:, :, pos:pos + t] = k
+            cache[1][:, :, pos:pos + t] = v
+            k, v = cache[0][:, :, :pos + t], cache[1][:, :, :pos + t]
+        if t > 1 and pos != 0:
+            raise ValueError("multi-token steps are only supported from position 0")
+        x = x + self.self_attn.attend(h, k, v, causal=t > 1)
+        x = x + self.cross_attn.attend(self.norm2(x), ctx_k, ctx_v, mask=ctx_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class Generator(nn.Module):
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = c = config
+        self.bos = c.num_codes  # the extra input token that starts every sequence
+        self.token_emb = nn.Embedding(c.num_codes + 1, c.dim)
+        # Factorised 2-D positions: row + column embeddings of the code each position predicts.
+        self.row_emb = nn.Embedding(c.grid_size, c.dim)
+        self.col_emb = nn.Embedding(c.grid_size, c.dim)
+        self.text_proj = nn.Linear(c.text_dim, c.dim)
+        self.text_blocks = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.text_layers))
+        self.text_norm = nn.LayerNorm(c.dim)
+        self.null_context = nn.Parameter(torch.zeros(1, 1, c.dim))
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)  # Parti's extra final norm
+        self.head = nn.Linear(c.dim, c.num_codes, bias=False)
+        init_weights(self)
+        nn.init.trunc_normal_(self.null_context, std=0.02)
+        # GPT-2: scale residual output projections by 1/sqrt(2 * depth).
+        for layer in self.layers:
+            for proj in (layer.self_attn.out, layer.cross_attn.out, layer.mlp.fc2):
+                nn.init.trunc_normal_(proj.weight, std=0.02 / (2 * c.depth) ** 0.5, a=-0.04, b=0.04)
+        pos = torch.arange(c.seq_len)
+        self.register_buffer("rows", pos // c.grid_size, persistent=False)
+        self.register_buffer("cols", pos % c.grid_size, persistent=False)
+
+    # ---- conditioning --------------------------------------------------------------------------
+    def encode_condition(self, text_states: torch.Tensor, text_mask: torch.Tensor, *,
+                         drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, text_dim), (B, L) bool -> context (B, L, dim), mask (B, L). Rows where `drop` is
+        True get the null context: the learned vector at position 0, the rest masked out."""
+        if text_states.shape[-1] != self.config.text_dim:
+            raise PartiError(f"text states have width {text_states.shape[-1]} but the generator expects "
+                             f"{self.config.text_dim}; use the text encoder it was trained with")
+        mask = text_mask.bool()
+        x = self.text_proj(text_states.to(self.text_proj.weight.dtype))
+        attn_mask = mask[:, None, None, :]
+        for block in self.text_blocks:
+            x = block(x, mask=attn_mask)
+        x = self.text_norm(x)
+        if drop is not None and bool(drop.any()):
+            null_x, null_mask = self.null_condition(x.shape[0], x.shape[1])
+            x = torch.where(drop[:, None, None], null_x, x)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        return x, mask
+
+    def null_condition(self, batch: int, length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.zeros(batch, length, self.config.dim, dtype=self.null_context.dtype, device=self.null_context.device)
+        x = x + F.pad(self.null_context, (0, 0, 0, length - 1))
+        mask = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+        mask[:, 0] = True
+        return x, mask
+
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values, once per prompt: depth x two (B, H, L, d)."""
+        return [layer.cross_attn.project_kv(context) for layer in self.layers]
+
+    # ---- the network ---------------------------------------------------------------------------
+    def _embed(self, inputs: torch.Tensor, pos: int) -> torch.Tensor:
+        t = inputs.shape[1]
+        return self.token_emb(inputs) + self.row_emb(self.rows[pos:pos + t]) + self.col_emb(self.cols[pos:pos + t])
+
+    def _run(self, inputs, ctx_kv, ctx_mask, *, cache: KVCache | None, pos: int) -> torch.Tensor:
+        x = self._embed(inputs, pos)
+        mask = ctx_mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+        for i, (layer, (k, v)) in enumerate(zip(self.layers, ctx_kv)):
+            x = layer(x, k, v, mask, cache=None if cache is None else cache.layer(i), pos=pos)
+        x = self.norm(x)
+        # Logits in fp32 even under autocast: softmax over 8192 codes is sensitive to bf16 rounding.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.head.weight.float())
+
+    def forward(self, codes: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. codes (B, t<=T) long -> logits (B, t, num_codes) fp32, where
+        logits[:, i] depends on codes[:, :i] only."""
+        bos = torch.full_like(codes[:, :1], self.bos)
+        inputs = torch.cat([bos, codes[:, :-1]], dim=1)
+        return self._run(inputs, self.context_kv(context), context_mask, cache=None, pos=0)
+
+    def decode(self, inputs: torch.Tensor, *, pos: int, cache: KVCache, ctx_kv, ctx_mask) -> torch.Tensor:
+        """Cached decoding: inputs (B, t) are the tokens at positions pos..pos+t-1 (BOS first)."""
+        return self._run(inputs, ctx_kv, ctx_mask, cache=cache, pos=pos)
+
+    def new_cache(self, batch: int) -> KVCache:
+        c = self.config
+        p = self.head.weight
+        shape = (c.depth, 2, batch, c.heads, c.seq_len, c.dim // c.heads)
+        return KVCache(torch.empty(shape, dtype=p.dtype, device=p.device))
+
+    def num_parameters(self) -> dict[str, int]:
+        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "frozen": sum(p.numel() for p in self.parameters() if not p.requires_grad)}
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated self-attention keys/values: (depth, 2, B, H, T, head_dim)."""
+
+    buffer: torch.Tensor
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buffer[i, 0], self.buffer[i, 1]
+
+
+def build_generator(preset: str | GeneratorConfig = "ffhq", **overrides: Any) -> Generator:
+    if isinstance(preset, GeneratorConfig):
+        config = preset
+    elif preset in GENERATOR_PRESETS:
+        config = GENERATOR_PRESETS[preset]
+    else:
+        raise PartiError(f"unknown generator preset {preset!r}; choose one of {sorted(GENERATOR_PRESETS)}")
+    if overrides:
+        config = config_from_dict(GeneratorConfig, {**dataclasses.asdict(config), **overrides}, what="generator")
+    return Generator(config)
+
+
+def save_generator(model: Generator, folder: str | Path, *, extra: dict[str, Any]) -> Path:
+    """`extra` records what the generator was trained with (tokenizer fingerprint, text encoder)."""
+    return save_model(folder, "generator", model.config, model, extra=extra)
+
+
+def load_generator(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
+    """Rebuild a generator from its folder strictly; returns (model in eval mode, its config.json)."""
+    data = check_folder(folder, "generator")
+    model = Generator(config_from_dict(GeneratorConfig, data.get("config", {}), what=f"{folder}/config.json"))
+    load_state(folder, model)
+    return model.to(device).eval(), data

@@ -1,0 +1,280 @@
+"""Stage-2 training: `train_generator(GeneratorTrainConfig) -> run folder`.
+
+Reads a code cache (made first with `parti encode`, or here into OUT/cache when --data is a dataset),
+trains the generator (and the trainable text encoder jointly, as the Parti paper does) with
+cross-entropy on the codes, condition dropout for classifier-free guidance, warmup + cosine LR,
+grad clip 4.0 and optional EMA. The run folder's top level is the exported generator; with
+tokenizer/ (and text_encoder/) beside it, `parti.load_pipeline(OUT)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from parti import text as text_mod
+from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache
+from parti.checkpoint import config_from_dict
+from parti.errors import PartiError
+from parti.generator import GENERATOR_PRESETS, Generator, build_generator, save_generator
+from parti.pipeline import Pipeline
+from parti.plots import sample_grid
+from parti.prompts import sample_prompts
+from parti.runs import MetricsLogger, RunFolder
+from parti.tokenizer import load_tokenizer, save_tokenizer
+from parti.trainer import (EMA, Checkpoints, NonFiniteGuard, StopRequest, batch_stream, capture_rng,
+                           flatten_optimizer, lr_at, make_accelerator, make_adamw, restore_optimizer, restore_rng,
+                           set_lr)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratorTrainConfig:
+    data: str = "synthetic"  # a code cache folder, or a data spec (encoded into OUT/cache first)
+    tokenizer: str = "checkpoints/tokenizer"
+    preset: str = "tiny"
+    out: str = "checkpoints/generator"
+    text_encoder: str = "trainable"  # trainable | t5-small | t5-base | t5-large | hub name | local folder
+    text_preset: str = "small"  # trainable encoder size
+    text_tokenizer: str = "sentencepiece"  # trainable encoder tokenizer: sentencepiece | bytes
+    vocab_size: int = 1000
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 4.0  # Parti's value
+    cond_drop_prob: float = 0.1
+    ema_decay: float = 0.0  # 0: off; e.g. 0.999 exports EMA weights
+    guidance_scale: float = 3.0  # for the periodic sample grids
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 500
+    val_batches: int = 4
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = "auto"
+    cpu: bool = False
+    num_workers: int = 0
+    synthetic_length: int = 20000
+    image_column: str = ""
+    caption_column: str = ""
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.preset not in GENERATOR_PRESETS:
+            raise PartiError(f"unknown generator preset {self.preset!r}; choose one of {sorted(GENERATOR_PRESETS)}")
+        if self.text_preset not in text_mod.TEXT_ENCODER_PRESETS:
+            raise PartiError(f"unknown --text-preset {self.text_preset!r}; "
+                             f"choose one of {sorted(text_mod.TEXT_ENCODER_PRESETS)}")
+        if self.text_tokenizer not in ("sentencepiece", "bytes"):
+            raise PartiError(f"--text-tokenizer must be sentencepiece or bytes, got {self.text_tokenizer!r}")
+        for name in ("steps", "batch_size", "log_every", "sample_every", "save_every", "val_batches"):
+            if getattr(self, name) < 1:
+                raise PartiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+class Objective(nn.Module):
+    """Generator (+ trainable text encoder): one module so DDP sees every trained parameter."""
+
+    def __init__(self, generator: Generator, text_encoder: nn.Module | None):
+        super().__init__()
+        self.generator, self.text_encoder = generator, text_encoder
+
+    def forward(self, codes, ids, ids_mask, drop) -> torch.Tensor:
+        if self.text_encoder is not None:
+            ids_mask = ids_mask.bool()
+            ids = self.text_encoder(ids, ids_mask)
+        ctx, mask = self.generator.encode_condition(ids, ids_mask, drop=drop)
+        logits = self.generator(codes, ctx, mask)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
+def _text_inputs(batch, encoder, device):
+    """Token ids for the trainable encoder, or cached frozen-T5 states, with their masks."""
+    if encoder is not None:
+        ids, mask = encoder.tokenizer(batch["caption"])
+        return ids.to(device), mask.to(device)
+    return batch["text"].to(device).float(), batch["text_mask"].to(device)
+
+
+def _prepare_text_encoder(cfg, out: Path, captions: list[str], device, resuming: bool):
+    """The trainable encoder (sentencepiece trained on the captions once, then reloaded), or frozen T5."""
+    if cfg.text_encoder != "trainable":
+        return text_mod.load_t5(cfg.text_encoder, device=device)
+    folder = out / "text_encoder"
+    if resuming and (folder / "config.json").exists():
+        return text_mod.load_text_encoder(folder, device=device)
+    preset = text_mod.TEXT_ENCODER_PRESETS[cfg.text_preset]
+    if cfg.text_tokenizer == "bytes":
+        config = dataclasses.replace(preset, tokenizer="bytes", vocab_size=text_mod.ByteTokenizer.vocab_size)
+    else:
+        config = dataclasses.replace(preset, tokenizer="sentencepiece", vocab_size=cfg.vocab_size)
+    return text_mod.build_text_encoder("trainable", captions=captions, config=config, device=device)
+
+
+def train_generator(cfg: GeneratorTrainConfig) -> Path:
+    acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer, device=acc.device)
+    resuming = cfg.resume and Checkpoints(out).complete() != []
+
+    # The cache: given, or made here once (main process) from the dataset with the frozen encoders.
+    frozen_t5 = None if cfg.text_encoder == "trainable" else text_mod.load_t5(cfg.text_encoder, device=acc.device)
+    cache_dir = Path(cfg.data) if is_cache(cfg.data) else out / "cache"
+    if not is_cache(cache_dir) and acc.is_main_process:
+        encode_dataset(data=cfg.data, tokenizer=cfg.tokenizer, out=cache_dir, text_encoder=frozen_t5,
+                       device=acc.device, synthetic_length=cfg.synthetic_length, seed=cfg.seed,
+                       image_column=cfg.image_column or None, caption_column=cfg.caption_column or None,
+                       progress=cfg.progress)
+    acc.wait_for_everyone()
+    train_set, val_set = CodeCache(cache_dir, "train"), CodeCache(cache_dir, "val")
+    for ds in (train_set, val_set):
+        ds.check(tokenizer_fingerprint=tokenizer.fingerprint(),
+                 text_identity=frozen_t5.identity() if frozen_t5 is not None else None)
+        if frozen_t5 is not None and not ds.has_text:
+            raise PartiError(f"cache {cache_dir} holds no T5 states; re-run `parti encode --text-encoder "
+                             f"{cfg.text_encoder}`")
+
+    encoder = frozen_t5 or _prepare_text_encoder(cfg, out, train_set.captions, acc.device, resuming)
+    trainable = encoder if getattr(encoder, "trainable", False) else None
+    generator = build_generator(cfg.preset, num_codes=tokenizer.config.codebook_size,
+                                grid_size=tokenizer.config.grid_size, text_dim=encoder.dim,
+                                cond_drop_prob=cfg.cond_drop_prob)
+    objective = Objective(generator, trainable).to(acc.device)
+    run = RunFolder(out, config={"stage": "generator", **dataclasses.asdict(cfg),
+                                 "model": dataclasses.asdict(generator.config)},
+                    resume=cfg.resume, mixed_precision=acc.mixed_precision) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    ckpts = Checkpoints(out, keep=cfg.keep_checkpoints)
+    opt = make_adamw(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(generator, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    step, epoch, position = 0, 0, 0
+    state = ckpts.latest() if cfg.resume else None
+    if state is not None:
+        tensors, meta = state
+        objective.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("obj.")})
+        restore_optimizer(opt, tensors, meta["opt"], "opt")
+        if ema is not None:
+            ema.shadow = {k[4:]: v.to(acc.device) for k, v in tensors.items() if k.startswith("ema.")}
+        restore_rng(tensors)
+        step, epoch, position = meta["step"], meta["epoch"], meta["position"]
+        log.info("resumed from step %d", step)
+    model, opt = acc.prepare(objective, opt)
+    metrics = MetricsLogger(run.metrics_path) if run else None
+    if metrics is not None and state is not None:
+        metrics.truncate_after(step)
+    meta_extra = {"tokenizer_fingerprint": tokenizer.fingerprint(), "text_encoder": encoder.identity(),
+                  "text_encoder_source": cfg.text_encoder, "data": cfg.data}
+
+    def export() -> None:
+        """Top level of the run: the generator (EMA weights when on), its tokenizer and text encoder."""
+        export_gen = generator
+        if ema is not None:
+            export_gen = build_generator(generator.config)
+            export_gen.load_state_dict(ema.shadow)
+        if trainable is not None:
+            text_mod.save_text_encoder(trainable, out / "text_encoder")
+            meta_extra["text_encoder"] = trainable.identity()
+        if not (out / "tokenizer" / "config.json").exists():
+            save_tokenizer(tokenizer, out / "tokenizer")
+        save_generator(export_gen, out, extra=meta_extra)
+
+    def save(at: int, ep: int, pos: int) -> None:
+        if not acc.is_main_process:
+            return
+        tensors = {f"obj.{k}": v for k, v in objective.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer(opt, "opt")
+        tensors.update(opt_t)
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+        export()  # text_encoder/ first: a resumed run reloads its tokenizer from there
+        ckpts.save(at, {**tensors, **capture_rng()}, {"epoch": ep, "position": pos, "opt": opt_meta})
+
+    @torch.no_grad()
+    def evaluate(at: int) -> dict[str, float]:
+        model.eval()
+        losses = []
+        n = min(cfg.val_batches, max(1, len(val_set) // cfg.batch_size))
+        for b in range(n):
+            items = [val_set[i] for i in range(b * cfg.batch_size, min(len(val_set), (b + 1) * cfg.batch_size))]
+            batch = collate_codes(items)
+            ids, mask = _text_inputs(batch, trainable, acc.device)
+            with acc.autocast():
+                losses.append(float(objective(batch["codes"].to(acc.device), ids, mask, None)))
+        if acc.is_main_process:
+            prompts = list(sample_prompts(cfg.data))
+            pipe = Pipeline(tokenizer=tokenizer, generator=generator, text_encoder=encoder, device=acc.device)
+            result = pipe(prompts, num_images_per_prompt=4, guidance_scale=cfg.guidance_scale, seed=0)
+            sample_grid(result.images.float().cpu(), prompts, images_per_prompt=4,
+                        path=out / "samples" / f"step_{at:07d}.png")
+        model.train()
+        val = sum(losses) / len(losses)
+        return {"val_loss": val, "val_perplexity": float(torch.exp(torch.tensor(val)))}
+
+    guard, stop = NonFiniteGuard(), StopRequest()
+    stream = batch_stream(train_set, collate_codes, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                          start=position, rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and acc.is_main_process), desc="generator")
+    t0, seen = time.time(), 0
+    with stop.installed():
+        while step < cfg.steps:
+            epoch, position, batch = next(stream)
+            position += 1
+            codes = batch["codes"].to(acc.device)
+            ids, mask = _text_inputs(batch, trainable, acc.device)
+            drop = torch.rand(codes.shape[0], device=acc.device) < cfg.cond_drop_prob
+            set_lr(opt, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
+            with acc.autocast():
+                loss = model(codes, ids, mask, drop)
+            if guard.ok(loss):
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if ema is not None:
+                    ema.update(generator)
+            step += 1
+            seen += codes.shape[0] * acc.num_processes
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                value = float(acc.reduce(loss.detach(), reduction="mean"))
+                row = {"loss": value, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                       "images_per_s": seen / (time.time() - t0), "nonfinite_steps": guard.total}
+                if metrics:
+                    metrics.log(step, **row)
+                bar.set_postfix(loss=f"{value:.4f}")
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                row = evaluate(step)
+                if metrics:
+                    metrics.log(step, split="val", **row)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                save(step, epoch, position)
+                acc.wait_for_everyone()
+            if stop.requested:
+                log.warning("stopped at step %d; rerun with --resume to continue", step)
+                break
+    bar.close()
+    if metrics:
+        metrics.close()
+    return out
+
+
+def config_from_args(values: dict) -> GeneratorTrainConfig:
+    return config_from_dict(GeneratorTrainConfig, values, what="train")
+
+
+

@@ -1,0 +1,228 @@
+"""Stage-1 training: `train_tokenizer(TokenizerTrainConfig) -> run folder`.
+
+The run folder's top level is the exported tokenizer (config.json + model.safetensors), loadable with
+`parti.load_tokenizer(run_dir)`; run.json, metrics.jsonl, samples/ (reconstruction grids) and
+checkpoints/ (resumable training state) sit beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from parti import data as data_mod
+from parti.checkpoint import config_from_dict
+from parti.errors import PartiError
+from parti.losses import LossConfig, TokenizerLoss
+from parti.metrics import psnr
+from parti.plots import reconstruction_grid
+from parti.runs import MetricsLogger, RunFolder
+from parti.tokenizer import TOKENIZER_PRESETS, VQTokenizer, build_tokenizer, save_tokenizer
+from parti.trainer import (Checkpoints, NonFiniteGuard, StopRequest, batch_stream, capture_rng, flatten_optimizer,
+                           lr_at, make_accelerator, make_adamw, restore_optimizer, restore_rng, set_lr)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data: str = "synthetic"
+    preset: str = "tiny"
+    out: str = "checkpoints/tokenizer"
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    l2_weight: float = 1.0
+    l1_weight: float = 1.0
+    perceptual_weight: float = 0.1
+    adversarial_weight: float = 0.1
+    disc_start: int = 10000
+    disc_channels: int = 64
+    vgg_weights: str = ""  # local VGG16 weights file; empty: cache, then download
+    pretrained_vgg: bool = True  # False: random-init VGG (benchmarks/tests only)
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 500
+    val_images: int = 64
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = "auto"
+    cpu: bool = False
+    num_workers: int = 0
+    flip: bool = True  # random horizontal flips
+    synthetic_length: int = 20000
+    image_column: str = ""
+    caption_column: str = ""
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.preset not in TOKENIZER_PRESETS:
+            raise PartiError(f"unknown tokenizer preset {self.preset!r}; choose one of {sorted(TOKENIZER_PRESETS)}")
+        for name in ("steps", "batch_size", "log_every", "sample_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise PartiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise PartiError(f"--lr must be > 0, got {self.lr}")
+
+
+def open_split(cfg, split: str, image_size: int):
+    return data_mod.open_source(cfg.data, split=split, image_size=image_size,
+                                image_column=cfg.image_column or None, caption_column=cfg.caption_column or None,
+                                synthetic_length=cfg.synthetic_length if split == "train" else None,
+                                seed=cfg.seed)
+
+
+def val_batch(source, n: int) -> torch.Tensor:
+    """The first n readable validation images, (n, 3, S, S): a fixed set for curves and grids."""
+    images = []
+    for i in range(min(len(source), 4 * n)):
+        item = source[i]
+        if item is not None:
+            images.append(item["image"])
+        if len(images) == n:
+            break
+    if not images:
+        raise PartiError("the validation split holds no readable images")
+    return torch.stack(images)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
+    acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
+    torch.manual_seed(cfg.seed)
+    model = build_tokenizer(cfg.preset)
+    size = model.config.image_size
+    loss_fn = TokenizerLoss(LossConfig(l2_weight=cfg.l2_weight, l1_weight=cfg.l1_weight,
+                                       perceptual_weight=cfg.perceptual_weight,
+                                       adversarial_weight=cfg.adversarial_weight, disc_start=cfg.disc_start,
+                                       disc_channels=cfg.disc_channels, vgg_weights=cfg.vgg_weights or None),
+                            image_size=size, pretrained_vgg=cfg.pretrained_vgg)
+    train_src, val_src = open_split(cfg, "train", size), open_split(cfg, "val", size)
+    val_images = val_batch(val_src, cfg.val_images).to(acc.device)
+
+    run = RunFolder(cfg.out, config={"stage": "tokenizer", **dataclasses.asdict(cfg),
+                                     "model": dataclasses.asdict(model.config)},
+                    resume=cfg.resume, mixed_precision=acc.mixed_precision) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    ckpts = Checkpoints(cfg.out, keep=cfg.keep_checkpoints)
+    disc = loss_fn.discriminator
+    opt = make_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt_d = make_adamw(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)) if disc else None
+
+    step, epoch, position = 0, 0, 0
+    state = ckpts.latest() if cfg.resume else None
+    if state is not None:
+        tensors, meta = state
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        restore_optimizer(opt, tensors, meta["opt"], "opt")
+        if disc is not None and "disc_opt" in meta:
+            disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            restore_optimizer(opt_d, tensors, meta["disc_opt"], "optd")
+        restore_rng(tensors)
+        step, epoch, position = meta["step"], meta["epoch"], meta["position"]
+        log.info("resumed from step %d", step)
+    model, opt = acc.prepare(model, opt)
+    loss_fn.to(acc.device)
+    if disc is not None:
+        disc, opt_d = acc.prepare(disc, opt_d)
+    raw: VQTokenizer = acc.unwrap_model(model)
+    metrics = MetricsLogger(run.metrics_path) if run else None
+    if metrics is not None and state is not None:
+        metrics.truncate_after(step)
+
+    def save(at: int, ep: int, pos: int) -> None:
+        if not acc.is_main_process:
+            return
+        tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer(opt, "opt")
+        meta = {"epoch": ep, "position": pos, "opt": opt_meta}
+        tensors.update(opt_t)
+        if disc is not None:
+            tensors.update({f"disc.{k}": v for k, v in acc.unwrap_model(disc).state_dict().items()})
+            d_t, meta["disc_opt"] = flatten_optimizer(opt_d, "optd")
+            tensors.update(d_t)
+        ckpts.save(at, {**tensors, **capture_rng()}, meta)
+        save_tokenizer(raw, cfg.out)
+
+    @torch.no_grad()
+    def evaluate(at: int) -> dict[str, float]:
+        model.eval()
+        recon = torch.cat([raw(val_images[i:i + 32]).reconstruction for i in range(0, len(val_images), 32)])
+        model.train()
+        if acc.is_main_process:
+            reconstruction_grid(val_images[:8].cpu(), recon[:8].float().cpu(), title=f"step {at}",
+                                path=Path(cfg.out) / "samples" / f"step_{at:07d}.png")
+        return {"val_psnr": float(psnr(recon.float().clamp(-1, 1), val_images).mean()),
+                "val_l1": float((recon.float() - val_images).abs().mean())}
+
+    guard, stop = NonFiniteGuard(), StopRequest()
+    stream = batch_stream(train_src, data_mod.collate, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                          start=position, rank=acc.process_index, world=acc.num_processes,
+                          num_workers=cfg.num_workers, flip_prob=0.5 if cfg.flip else 0.0)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and acc.is_main_process), desc="tokenizer")
+    t0, seen = time.time(), 0
+    with stop.installed():
+        while step < cfg.steps:
+            epoch, position, batch = next(stream)
+            position += 1
+            if batch is None:  # every image of this batch was unreadable (each was warned about)
+                continue
+            images = batch["image"].to(acc.device)
+            set_lr(opt, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
+            with acc.autocast():
+                out = model(images)
+                loss, logs = loss_fn.generator_loss(images, out.reconstruction.float(), commit_loss=out.commit_loss,
+                                                    step=step, last_layer=raw.last_layer)
+            if guard.ok(loss):
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if disc is not None and loss_fn.adversarial_on(step):
+                    set_lr(opt_d, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
+                    with acc.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(images, out.reconstruction.float(), step=step)
+                    opt_d.zero_grad(set_to_none=True)
+                    acc.backward(d_loss)
+                    opt_d.step()
+                    logs.update(d_logs)
+            step += 1
+            seen += images.shape[0] * acc.num_processes
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                p = float(psnr(out.reconstruction.detach().float().clamp(-1, 1), images).mean())
+                row = {**logs, "psnr": p, "usage": float(out.usage), "perplexity": float(out.perplexity),
+                       "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                       "images_per_s": seen / (time.time() - t0), "skipped_images": getattr(train_src, "skipped", 0),
+                       "nonfinite_steps": guard.total}
+                if metrics:
+                    metrics.log(step, **row)
+                bar.set_postfix(loss=f"{row['total']:.4f}", psnr=f"{p:.2f}", usage=f"{row['usage']:.2f}")
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                row = evaluate(step)
+                if metrics:
+                    metrics.log(step, split="val", **row)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                save(step, epoch, position)
+                acc.wait_for_everyone()
+            if stop.requested:
+                log.warning("stopped at step %d; rerun with --resume to continue", step)
+                break
+    bar.close()
+    if metrics:
+        metrics.close()
+    return Path(cfg.out)
+
+
+def config_from_args(values: dict) -> TokenizerTrainConfig:
+    return config_from_dict(TokenizerTrainConfig, values, what="train-tokenizer")
