@@ -76,6 +76,19 @@ def cmd_plot(args) -> None:
         print(path)
 
 
+def cmd_demo(args) -> None:
+    from parti.demo import DemoConfig, run_demo
+
+    summary = run_demo(DemoConfig(out=args.out, images=args.images, size=args.size, seed=args.seed,
+                                  progress=not args.no_progress))
+    acc = summary["attribute_accuracy"]
+    print(f"demo finished in {summary['seconds']['total']:.0f} s ({summary['size']} configuration)")
+    for key in ("background_color", "hair_color"):
+        print(f"  {key} accuracy {acc.get(f'attribute_accuracy.{key}', float('nan')):.2%} "
+              f"(chance {acc.get(f'chance.{key}', float('nan')):.2%})")
+    print(f"  samples: {summary['images'][0]}\n  checkpoints: {summary['checkpoints']['generator']}")
+
+
 def raise_error(message: str) -> None:
     from parti.errors import PartiError
 
@@ -125,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
     p.add_argument("--out", default="images/samples.png")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the main job: train both stages on synthetic faces, sample, evaluate")
+    p.add_argument("--out", default="checkpoints/demo", help="run folders go here")
+    p.add_argument("--images", default="images", help="pictures go here")
+    p.add_argument("--size", default="auto", choices=["auto", "cpu", "gpu"], help="configuration (auto: by device)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="draw a run's loss curves and latest grids")
     p.add_argument("run_dir")

@@ -30,6 +30,11 @@ from parti.trainer import (Checkpoints, NonFiniteGuard, StopRequest, batch_strea
 log = logging.getLogger(__name__)
 
 
+# (perceptual, adversarial) weights per preset when not given. The CPU presets train on flat synthetic
+# faces at 32-64 px, where VGG features add cost and nothing else, and need no download offline.
+PRESET_LOSS_WEIGHTS = {"tiny": (0.0, 0.0), "demo": (0.0, 0.0), "base": (0.1, 0.1), "ffhq128": (0.1, 0.1)}
+
+
 @dataclass
 class TokenizerTrainConfig:
     data: str = "synthetic"
@@ -43,8 +48,8 @@ class TokenizerTrainConfig:
     grad_clip: float = 1.0
     l2_weight: float = 1.0
     l1_weight: float = 1.0
-    perceptual_weight: float = 0.1
-    adversarial_weight: float = 0.1
+    perceptual_weight: float = -1.0  # -1: the preset's default (PRESET_LOSS_WEIGHTS)
+    adversarial_weight: float = -1.0  # -1: the preset's default
     disc_start: int = 10000
     disc_channels: int = 64
     vgg_weights: str = ""  # local VGG16 weights file; empty: cache, then download
@@ -73,6 +78,11 @@ class TokenizerTrainConfig:
                 raise PartiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise PartiError(f"--lr must be > 0, got {self.lr}")
+        perceptual, adversarial = PRESET_LOSS_WEIGHTS.get(self.preset, (0.1, 0.1))
+        if self.perceptual_weight == -1.0:
+            self.perceptual_weight = perceptual
+        if self.adversarial_weight == -1.0:
+            self.adversarial_weight = adversarial
 
 
 def open_split(cfg, split: str, image_size: int):
