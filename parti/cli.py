@@ -89,6 +89,38 @@ def cmd_demo(args) -> None:
     print(f"  samples: {summary['images'][0]}\n  checkpoints: {summary['checkpoints']['generator']}")
 
 
+def cmd_evaluate_tokenizer(args) -> None:
+    from pathlib import Path
+
+    from parti.evaluate import evaluate_tokenizer, format_table, write_results
+
+    results = evaluate_tokenizer(checkpoint=args.checkpoint, data=args.data, num_images=args.num_images,
+                                 batch_size=args.batch_size, device=args.device, vgg_weights=args.vgg_weights,
+                                 inception=args.inception, allow_download=not args.no_download, seed=args.seed)
+    out = write_results(args.out or Path(args.checkpoint) / "eval_tokenizer.json", results)
+    print(format_table(results))
+    print(f"wrote {out}")
+
+
+def cmd_evaluate(args) -> None:
+    from pathlib import Path
+
+    from parti.evaluate import evaluate_generator, format_table, write_results
+    from parti.prompts import eval_prompts
+
+    results = evaluate_generator(checkpoint=args.checkpoint, data=args.data, num_images=args.num_images,
+                                 prompts=list(eval_prompts(args.data)) if args.fixed_prompts else None,
+                                 guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                                 inception=args.inception, clip=args.clip, allow_download=not args.no_download,
+                                 holdout=args.holdout, num_attribute_prompts=args.attribute_prompts,
+                                 phrasing=args.phrasing, data_seed=args.data_seed,
+                                 text_encoder_path=args.text_encoder_path)
+    out = write_results(args.out or Path(args.checkpoint) / "eval.json", results)
+    print(format_table(results))
+    print(f"wrote {out}")
+
+
 def raise_error(message: str) -> None:
     from parti.errors import PartiError
 
@@ -146,6 +178,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate-tokenizer", help="PSNR, SSIM, LPIPS, rFID and code usage on held-out images")
+    p.add_argument("--checkpoint", required=True, help="tokenizer folder (or a generator folder: its tokenizer/)")
+    p.add_argument("--data", required=True, help="synthetic, a folder, hf:NAME or a dataset path (val split used)")
+    p.add_argument("--num-images", type=int, default=1000, help="held-out images to reconstruct")
+    p.add_argument("--out", default=None, help="JSON file (default CHECKPOINT/eval_tokenizer.json)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (vgg16-397923af.pth or .safetensors)")
+    p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (synthetic faces)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-download", action="store_true", help="never download metric weights")
+    p.set_defaults(func=cmd_evaluate_tokenizer)
+
+    p = sub.add_parser("evaluate", help="validation loss, FID, CLIP score and (synthetic) attribute accuracy")
+    p.add_argument("--checkpoint", required=True, help="generator run folder")
+    p.add_argument("--data", required=True, help="synthetic, a folder, hf:NAME or a dataset path (val split used)")
+    p.add_argument("--num-images", type=int, default=1000, help="held-out images (and generated images for FID)")
+    p.add_argument("--out", default=None, help="JSON file (default CHECKPOINT/eval.json)")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--data-seed", type=int, default=0, help="dataset seed (synthetic faces)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--fixed-prompts", action="store_true",
+                   help="generate from the fixed evaluation prompt list instead of the held-out captions")
+    p.add_argument("--attribute-prompts", type=int, default=200, help="synthetic: attribute-accuracy prompts (0: skip)")
+    p.add_argument("--phrasing", default="describe", choices=["describe", "captions"],
+                   help="attribute prompts: one sentence naming every attribute, or the training captions' styles")
+    p.add_argument("--holdout", action="store_true",
+                   help="synthetic: also score prompts whose (hair, background) pair was held out of training")
+    p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--clip", default=None, help="CLIP hub name or local folder (default openai/clip-vit-base-patch32)")
+    p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-download", action="store_true", help="never download metric weights")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="draw a run's loss curves and latest grids")
     p.add_argument("run_dir")

@@ -1,0 +1,438 @@
+"""Evaluation: is the tokenizer faithful, and do the generated images follow the text?
+
+- `evaluate_tokenizer`: PSNR, SSIM, LPIPS (VGG), rFID and codebook usage/perplexity on held-out images;
+- `evaluate_generator`: validation loss/perplexity (teacher-forced), FID against held-out images, CLIP
+  score, and on the synthetic faces `attribute_accuracy`;
+- `attribute_accuracy`: generate for prompts built from attributes, read the attributes back from the
+  pixels (`parti.synthetic.read_attributes`), score the ones each prompt names; cheap enough on CPU.
+
+Results are flat dicts with dotted keys ("attribute_accuracy.hair_color"); a metric whose network cannot
+be loaded is None with a one-line reason under "errors", and the other metrics still run.
+`format_table` renders a result for the terminal, `write_results` saves it as JSON (atomically).
+The maths lives in `parti.metrics`, the FID network in `parti.inception`, LPIPS in `parti.losses`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from parti import synthetic
+from parti.checkpoint import read_json, write_json
+from parti.errors import PartiError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # ViT-B/32: the CLIP-score convention of most papers
+PHRASINGS = ("describe", "captions")
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _attempt(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    """fn(), or None with the PartiError's message recorded under errors[name] (the run goes on)."""
+    try:
+        return fn()
+    except PartiError as err:
+        errors[name] = " ".join(str(err).split())  # one line
+        log.info("%s unavailable: %s", name, errors[name])
+        return None
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise PartiError(f"{name} must be >= {minimum}, got {value}")
+
+
+# ---- metric networks, loaded explicitly (nothing loads at import) --------------------------------
+
+def _load_inception(inception: Any, *, allow_download: bool, device: torch.device):
+    """A path (or None: cache, then download) -> the FID Inception; an already built extractor passes through."""
+    if inception is None or isinstance(inception, (str, Path)):
+        from parti.inception import load_fid_inception
+
+        return load_fid_inception(path=inception, allow_download=allow_download).to(device)
+    return inception
+
+
+def _load_clip(clip: Any, *, allow_download: bool, device: torch.device) -> tuple[Any, Any]:
+    """A hub name or local folder (None: ViT-B/32) -> (CLIPModel, tokenizer); a (model, tokenizer) passes through."""
+    from parti.metrics import load_clip
+
+    if isinstance(clip, tuple):
+        return clip
+    name = str(clip or DEFAULT_CLIP)
+    if not allow_download and not Path(name).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        try:  # downloads off: only a copy already in the transformers cache will do
+            name = snapshot_download(name, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - every failure here means "not cached"
+            raise PartiError(f"CLIP {name!r} is not in the local cache and downloading is off; save CLIPModel and "
+                             f"CLIPTokenizer (.save_pretrained) into one folder and pass it with --clip PATH") from err
+    return load_clip(name, device=device)
+
+
+def _load_lpips(vgg_weights: str | None, *, allow_download: bool, device: torch.device):
+    from parti.losses import LPIPS
+
+    return LPIPS.build(vgg_weights=vgg_weights, pretrained=True, allow_download=allow_download).to(device)
+
+
+def _val_batches(source, *, num_images: int, batch_size: int):
+    """The first `num_images` items of a held-out split, in order, batched; unreadable items are dropped."""
+    from parti.data import collate
+
+    n = min(num_images, len(source))
+    loader = DataLoader(Subset(source, list(range(n))), batch_size=batch_size, collate_fn=collate)
+    return (batch for batch in loader if batch is not None)
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance of two feature sets (N1, D), (N2, D), exactly as `metrics.fid_from_features`.
+
+    With fewer images than feature dimensions (N1 + N2 < D: any FID under ~2,000 images) both
+    covariances and the mean difference live in the span of the N1 + N2 feature vectors, so the
+    features are first written in an orthonormal basis of that span (QR, float64). Traces, the mean
+    distance and the non-zero eigenvalues of S1 S2 are unchanged, and the 2048 x 2048 matrix square root
+    (about a minute on two CPU cores) becomes an (N1 + N2)-sized one.
+    """
+    from parti.metrics import fid_from_features
+
+    real, fake = real.double().cpu(), fake.double().cpu()
+    if real.ndim == fake.ndim == 2 and real.shape[1] == fake.shape[1] and len(real) + len(fake) < real.shape[1]:
+        basis, _ = torch.linalg.qr(torch.cat([real, fake]).T)  # (D, N1 + N2), orthonormal columns
+        real, fake = real @ basis, fake @ basis
+    return fid_from_features(real, fake)
+
+
+def _fid(real: list[torch.Tensor], fake: list[torch.Tensor]) -> float:
+    return fid(torch.cat(real), torch.cat(fake))
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------
+
+def _tokenizer_folder(checkpoint: str | Path) -> Path:
+    """A tokenizer folder, or a generator folder (then its tokenizer/ copy is evaluated)."""
+    folder = Path(checkpoint)
+    if (folder / "config.json").is_file() and (folder / "tokenizer" / "config.json").is_file():
+        if read_json(folder / "config.json").get("kind") == "generator":
+            return folder / "tokenizer"
+    return folder
+
+
+@torch.no_grad()
+def evaluate_tokenizer(*, checkpoint: str | Path, data: str, num_images: int = 1000, batch_size: int = 32,
+                       device: str | torch.device | None = None, vgg_weights: str | None = None,
+                       inception: Any = None, allow_download: bool = True, seed: int = 0,
+                       image_column: str | None = None, caption_column: str | None = None) -> dict[str, Any]:
+    """Reconstruct the first `num_images` held-out images and compare them with the originals.
+
+    inception: a weights file, None (cache, then download) or a built feature extractor (tests).
+    seed: the dataset seed (the synthetic faces the tokenizer was trained with use --seed too).
+    """
+    from parti.data import open_source
+    from parti.metrics import codebook_stats, psnr, ssim
+    from parti.tokenizer import load_tokenizer
+
+    _check_count("num_images", num_images, 2)
+    _check_count("batch_size", batch_size, 1)
+    t0, dev = time.time(), _device(device)
+    tokenizer = load_tokenizer(_tokenizer_folder(checkpoint), device=dev)
+    source = open_source(data, split="val", image_size=tokenizer.config.image_size, seed=seed,
+                         image_column=image_column, caption_column=caption_column)
+    errors: dict[str, str] = {}
+    lpips = _attempt(errors, "lpips", lambda: _load_lpips(vgg_weights, allow_download=allow_download, device=dev))
+    inc = _attempt(errors, "rfid", lambda: _load_inception(inception, allow_download=allow_download, device=dev))
+
+    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
+    real_feats, rec_feats, codes = [], [], []
+    for batch in _val_batches(source, num_images=num_images, batch_size=batch_size):
+        x = batch["image"].to(dev)  # (B, 3, S, S) in [-1, 1]
+        c = tokenizer.encode(x)  # (B, g, g)
+        rec = tokenizer.decode(c).clamp(-1, 1)
+        codes.append(c.cpu())
+        scores["psnr"].append(psnr(rec, x).cpu())
+        scores["ssim"].append(ssim(rec, x).cpu())
+        if lpips is not None:
+            scores["lpips"].append(lpips(rec, x).float().cpu())
+        if inc is not None:
+            real_feats.append(inc(x).double().cpu())
+            rec_feats.append(inc(rec).double().cpu())
+    if not codes:
+        raise PartiError(f"the val split of {data} holds no readable images; check the data source")
+    stats = codebook_stats(torch.cat(codes), tokenizer.config.codebook_size)
+    results: dict[str, Any] = {
+        "num_images": sum(len(c) for c in codes),
+        "psnr": float(torch.cat(scores["psnr"]).mean()),
+        "ssim": float(torch.cat(scores["ssim"]).mean()),
+        "lpips": float(torch.cat(scores["lpips"]).mean()) if scores["lpips"] else None,
+        "rfid": _attempt(errors, "rfid", lambda: _fid(real_feats, rec_feats)) if inc is not None else None,
+        "codebook_usage": stats["usage"],
+        "codebook_perplexity": stats["perplexity"],
+        "codebook_size": tokenizer.config.codebook_size,
+    }
+    results["seconds"] = round(time.time() - t0, 1)
+    results["errors"] = errors
+    results["settings"] = {"checkpoint": str(checkpoint), "data": data, "split": "val", "seed": seed,
+                           "image_size": tokenizer.config.image_size, "device": str(dev)}
+    return results
+
+
+# ---- attribute accuracy (synthetic faces) ------------------------------------------------------------
+
+def attribute_prompts(*, num_prompts: int, seed: int = 0, holdout: bool = False) -> list[dict]:
+    """Deterministic attribute combinations, each attribute uniform.
+
+    holdout=False: any combination. holdout=True: never a (hair_color, background_color) pair in
+    HOLDOUT_COMBINATIONS (the pairs a holdout-trained model has not seen), as SyntheticFaces redraws them.
+    """
+    rng = random.Random(f"attribute-prompts:{seed}")
+    combos = []
+    while len(combos) < num_prompts:
+        attrs = synthetic.sample_attributes(rng)
+        if not (holdout and (attrs["hair_color"], attrs["background_color"]) in synthetic.HOLDOUT_COMBINATIONS):
+            combos.append(attrs)
+    return combos
+
+
+def holdout_attribute_prompts(*, num_prompts: int, seed: int = 0) -> list[dict]:
+    """Combinations whose (hair_color, background_color) is held out, cycling through HOLDOUT_COMBINATIONS."""
+    rng = random.Random(f"holdout-prompts:{seed}")
+    combos = []
+    for i in range(num_prompts):
+        attrs = synthetic.sample_attributes(rng)
+        attrs["hair_color"], attrs["background_color"] = synthetic.HOLDOUT_COMBINATIONS[
+            i % len(synthetic.HOLDOUT_COMBINATIONS)]
+        combos.append(attrs)
+    return combos
+
+
+def _phrase(combos: list[dict], phrasing: str, seed: int) -> list[str]:
+    if phrasing == "describe":  # names all seven attributes
+        return [synthetic.describe(a) for a in combos]
+    rng = random.Random(f"captions:{seed}")  # the training phrasings; some name only a few attributes
+    return [synthetic.make_caption(a, rng) for a in combos]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the images would be saved."""
+    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def score_attributes(images: torch.Tensor, prompts: Sequence[str], *, prefix: str = "attribute_accuracy"
+                     ) -> dict[str, Any]:
+    """Read each image's attributes and score those its prompt names (parse_prompt); one image per prompt.
+
+    -> {prefix.<name>: share correct, prefix.overall: over all scored (image, attribute) pairs,
+        prefix.num_images: n}; attributes no prompt names are absent.
+    """
+    if len(prompts) != images.shape[0]:
+        raise PartiError(f"need one prompt per image, got {len(prompts)} prompts for {images.shape[0]} images")
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for pixels, prompt in zip(to_uint8(images), prompts):
+        read = synthetic.read_attributes(pixels)
+        for name, wanted in synthetic.parse_prompt(prompt).items():
+            total[name] = total.get(name, 0) + 1
+            correct[name] = correct.get(name, 0) + int(read[name] == wanted)
+    out: dict[str, Any] = {f"{prefix}.{name}": correct[name] / total[name]
+                           for name in synthetic.ATTRIBUTES if name in total}
+    out[f"{prefix}.overall"] = sum(correct.values()) / max(1, sum(total.values()))
+    out[f"{prefix}.num_images"] = len(prompts)
+    return out
+
+
+def _chance(prompts: Sequence[str]) -> dict[str, float]:
+    """chance.<name> (uniform guessing) for every attribute the prompts name; chance.overall over all pairs."""
+    named = [name for p in prompts for name in synthetic.parse_prompt(p)]
+    out = {f"chance.{name}": synthetic.chance_level(name) for name in synthetic.ATTRIBUTES if name in named}
+    out["chance.overall"] = sum(synthetic.chance_level(n) for n in named) / max(1, len(named))
+    return out
+
+
+@torch.no_grad()
+def attribute_accuracy(pipeline, *, num_prompts: int = 48, images_per_prompt: int = 1, seed: int = 0,
+                       holdout: bool = False, guidance_scale: float = 3.0, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, batch_size: int = 64,
+                       phrasing: str = "describe") -> dict[str, Any]:
+    """How often generated faces show the attributes their prompt names, beside chance level.
+
+    pipeline: anything called like `parti.pipeline.Pipeline` whose output has `.images` (prompt-major).
+    holdout: also generate `num_prompts` prompts whose (hair, background) pair is held out from training
+    (reported as holdout_attribute_accuracy.*); the ordinary prompts then avoid those pairs.
+    phrasing: "describe" (one canonical sentence naming all attributes) or "captions" (the training
+    captions' phrasings; only the attributes each names are scored).
+    Cost: one pipeline call over num_prompts * images_per_prompt (x2 with holdout) images.
+    """
+    _check_count("num_prompts", num_prompts, 1)
+    _check_count("images_per_prompt", images_per_prompt, 1)
+    if phrasing not in PHRASINGS:
+        raise PartiError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+    seen = _phrase(attribute_prompts(num_prompts=num_prompts, seed=seed, holdout=holdout), phrasing, seed)
+    held = _phrase(holdout_attribute_prompts(num_prompts=num_prompts, seed=seed), phrasing, seed) if holdout else []
+    out = pipeline(seen + held, num_images_per_prompt=images_per_prompt, guidance_scale=guidance_scale,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
+    rows = [p for p in seen + held for _ in range(images_per_prompt)]  # prompt-major, as the pipeline
+    images = out.images
+    if images.shape[0] != len(rows):
+        raise PartiError(f"the pipeline returned {images.shape[0]} images for {len(rows)} requested")
+    n_seen = len(seen) * images_per_prompt
+    results = score_attributes(images[:n_seen], rows[:n_seen])
+    results.update(_chance(rows))
+    if holdout:
+        results.update(score_attributes(images[n_seen:], rows[n_seen:], prefix="holdout_attribute_accuracy"))
+    return results
+
+
+# ---- generator ----------------------------------------------------------------------------------------
+
+def _val_loss(pipe, batches: list[tuple[torch.Tensor, list[str]]]) -> tuple[float, int]:
+    """Mean teacher-forced cross-entropy (nats per code) of held-out codes given their captions."""
+    total, tokens = 0.0, 0
+    for codes, captions in batches:
+        states, mask = pipe.text_encoder.encode(captions)
+        ctx, ctx_mask = pipe.generator.encode_condition(states.to(pipe.device), mask.to(pipe.device))
+        logits = pipe.generator(codes, ctx, ctx_mask)  # (B, T, K) fp32
+        total += float(F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="sum"))
+        tokens += codes.numel()
+    return total / tokens, tokens
+
+
+@torch.no_grad()
+def evaluate_generator(*, checkpoint: str | Path, data: str, num_images: int = 1000,
+                       prompts: Sequence[str] | None = None, guidance_scale: float = 3.0, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 32,
+                       device: str | torch.device | None = None, inception: Any = None, clip: Any = None,
+                       allow_download: bool = True, holdout: bool = False, num_attribute_prompts: int = 200,
+                       phrasing: str = "describe", data_seed: int = 0, text_encoder_path: str | None = None,
+                       image_column: str | None = None, caption_column: str | None = None) -> dict[str, Any]:
+    """Score a generator folder against the first `num_images` held-out items of `data`.
+
+    prompts: what FID/CLIP images are generated from, cycled to num_images; None: the held-out captions
+    (or `parti.prompts.eval_prompts(data)` when the data has none). inception/clip: a file/folder (or hub
+    name for CLIP), None for the defaults, or already built networks. On synthetic data attribute accuracy
+    runs too, on `num_attribute_prompts` prompts (0: skip); `holdout` adds the held-out combinations.
+    seed: sampling (and attribute-prompt) seed; data_seed: the dataset seed (synthetic faces).
+    """
+    from parti.data import open_source
+    from parti.metrics import clip_similarity, perplexity_from_loss
+    from parti.pipeline import load_pipeline
+    from parti.prompts import eval_prompts
+
+    _check_count("num_images", num_images, 2)
+    _check_count("batch_size", batch_size, 1)
+    _check_count("num_attribute_prompts", num_attribute_prompts, 0)
+    if holdout and not data.startswith("synthetic"):
+        raise PartiError("--holdout scores held-out combinations of the synthetic faces; use --data synthetic")
+    t0 = time.time()
+    pipe = load_pipeline(checkpoint, device=_device(device), text_encoder_path=text_encoder_path)
+    dev, size = pipe.device, pipe.tokenizer.config.image_size
+    source = open_source(data, split="val", image_size=size, seed=data_seed, image_column=image_column,
+                         caption_column=caption_column)
+    errors: dict[str, str] = {}
+    inc = _attempt(errors, "fid", lambda: _load_inception(inception, allow_download=allow_download, device=dev))
+    clip_pair = _attempt(errors, "clip_score", lambda: _load_clip(clip, allow_download=allow_download, device=dev))
+
+    # One pass over the held-out split: codes for the validation loss, Inception features of the reals.
+    coded, real_feats, captions = [], [], []
+    for batch in _val_batches(source, num_images=num_images, batch_size=batch_size):
+        x = batch["image"].to(dev)
+        caps = [c if c is not None else "" for c in batch["caption"]]  # as the code cache stores them
+        coded.append((pipe.tokenizer.encode(x).flatten(1), caps))  # (B, T) codes
+        captions.extend(batch["caption"])
+        if inc is not None:
+            real_feats.append(inc(x).double().cpu())
+    if not coded:
+        raise PartiError(f"the val split of {data} holds no readable images; check the data source")
+    val_loss, val_tokens = _val_loss(pipe, coded)
+    results: dict[str, Any] = {"num_images": len(captions), "val_loss": val_loss,
+                               "val_perplexity": perplexity_from_loss(val_loss), "val_tokens": val_tokens,
+                               "fid": None, "clip_score": None}
+
+    # Generated images for FID and CLIP, a batch at a time: only features and similarities are kept.
+    prompt_source = "given"
+    if prompts is None:
+        prompt_source = "held-out captions" if all(captions) else "parti.prompts.eval_prompts"
+        prompts = captions if all(captions) else list(eval_prompts(data))
+    if not prompts:
+        raise PartiError("no prompts to generate from; pass prompts or use data with captions")
+    rows = [prompts[i % len(prompts)] for i in range(len(captions))]
+    fake_feats, sims = [], []
+    if inc is not None or clip_pair is not None:
+        for k, i in enumerate(range(0, len(rows), batch_size)):
+            chunk = rows[i:i + batch_size]
+            images = pipe(chunk, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed * 1_000_003 + k, batch_size=batch_size).images
+            if inc is not None:
+                fake_feats.append(inc(images).double().cpu())
+            if clip_pair is not None:
+                sims.append(clip_similarity(images, chunk, model=clip_pair[0], processor=clip_pair[1]))
+        if inc is not None:
+            results["fid"] = _attempt(errors, "fid", lambda: _fid(real_feats, fake_feats))
+        if clip_pair is not None:
+            results["clip_score"] = float(torch.cat(sims).mean())
+    results["num_generated"] = len(rows) if (inc is not None or clip_pair is not None) else 0
+
+    if data.startswith("synthetic") and num_attribute_prompts > 0:
+        results.update(attribute_accuracy(pipe, num_prompts=num_attribute_prompts, images_per_prompt=1, seed=seed,
+                                          holdout=holdout, guidance_scale=guidance_scale, temperature=temperature,
+                                          top_k=top_k, top_p=top_p, batch_size=batch_size, phrasing=phrasing))
+    results["seconds"] = round(time.time() - t0, 1)
+    results["errors"] = errors
+    results["settings"] = {"checkpoint": str(checkpoint), "data": data, "split": "val", "seed": seed,
+                           "data_seed": data_seed, "guidance_scale": guidance_scale, "temperature": temperature,
+                           "top_k": top_k, "top_p": top_p, "holdout": holdout, "phrasing": phrasing,
+                           "prompts": prompt_source, "image_size": size, "device": str(dev),
+                           "clip": "given" if isinstance(clip, tuple) else str(clip or DEFAULT_CLIP)}
+    return results
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+def _format_value(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if "accuracy." in key and not key.endswith(".num_images"):
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable two/three-column table: metric, value, chance level where one applies; then errors."""
+    rows = [("metric", "value", "chance")]
+    for key, value in results.items():
+        if key in ("errors", "settings") or key.startswith("chance.") or isinstance(value, dict):
+            continue
+        chance = ""
+        if "accuracy." in key and not key.endswith(".num_images"):
+            level = results.get("chance." + key.split(".", 1)[1])
+            chance = f"{100 * level:.1f}%" if level is not None else ""
+        rows.append((key, _format_value(key, value), chance))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{k:<{width}}  {v:>10}  {c:>7}".rstrip() for k, v, c in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    for name, message in (results.get("errors") or {}).items():
+        lines.append(f"{name}: unavailable: {message}")
+    return "\n".join(lines)
+
+
+def write_results(path: str | Path, results: dict[str, Any]) -> Path:
+    """Write `results` as JSON (atomic: a crash never leaves half a file)."""
+    path = Path(path)
+    write_json(path, results)
+    return path
