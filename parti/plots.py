@@ -392,4 +392,18 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
             target = out / f"latest_{name}.png"
             _atomic_write(target, lambda tmp, src=png: shutil.copyfile(src, tmp))
             written.append(target)
+    usage = _codebook_usage(run_dir)
+    if usage is not None:
+        codebook_usage_histogram(usage, path=out / "codebook_usage.png")
+        written.append(out / "codebook_usage.png")
     return written
+
+
+def _codebook_usage(run_dir: Path):
+    """A tokenizer run's per-code usage (the quantizer's EMA of codes per batch), or None."""
+    from parti.checkpoint import read_json, read_tensors
+
+    config, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    if not (config.exists() and weights.exists()) or read_json(config).get("kind") != "tokenizer":
+        return None
+    return read_tensors(weights).get("quantizer.usage_ema")

@@ -151,3 +151,13 @@ def test_plot_run_on_a_folder_that_is_not_a_run(tmp_path):
         plot_run(tmp_path)
     with pytest.raises(PartiError, match="does not exist"):
         plot_run(tmp_path / "missing")
+
+
+def test_plot_run_draws_a_tokenizer_runs_codebook_usage(tmp_path):
+    from parti.tokenizer import build_tokenizer, save_tokenizer
+
+    save_tokenizer(build_tokenizer("tiny"), tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "total": 0.5}\n')
+    written = plot_run(tmp_path)
+    assert tmp_path / "plots" / "codebook_usage.png" in written
+    assert (tmp_path / "plots" / "codebook_usage.png").stat().st_size > 0
