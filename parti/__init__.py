@@ -28,9 +28,9 @@ _EXPORTS = {
     "SamplingParams": "parti.sampling",
     "open_source": "parti.data",
     "SyntheticFaces": "parti.synthetic",
-    "train_tokenizer": "parti.train_tokenizer",
+    # The training functions share their modules' names (parti.train_tokenizer.train_tokenizer), so only
+    # the configs are re-exported here: a submodule import would otherwise shadow the function.
     "TokenizerTrainConfig": "parti.train_tokenizer",
-    "train_generator": "parti.train_generator",
     "GeneratorTrainConfig": "parti.train_generator",
     "encode_dataset": "parti.cache",
     "load_pipeline": "parti.pipeline",

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: train both stages on synthetic faces, sample, evaluate")
     p.add_argument("--out", default="checkpoints/demo", help="run folders go here")
     p.add_argument("--images", default="images", help="pictures go here")
-    p.add_argument("--size", default="auto", choices=["auto", "cpu", "gpu"], help="configuration (auto: by device)")
+    p.add_argument("--size", default="auto", choices=["auto", "cpu", "gpu", "smoke"], help="configuration (auto: by device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

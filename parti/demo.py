@@ -45,13 +45,16 @@ class DemoSize:
     generator_batch: int
     generator_lr: float
     synthetic_length: int
+    text_tokenizer: str = "sentencepiece"
 
 
 DEMO_SIZES = {
     # ~10 minutes on 2 CPU cores: 64 px faces, 8x8 codes from 512, a 4.5M-parameter generator.
-    "cpu": DemoSize("demo", 1200, 32, 2e-3, "demo", "tiny", 1000, 32, 1e-3, 10000),
+    "cpu": DemoSize("demo", 800, 32, 2e-3, "demo", "tiny", 700, 32, 1e-3, 10000),
     # One GPU: 128 px, 16x16 codes from 8192, a 34M-parameter generator (minutes on an A100/H100).
     "gpu": DemoSize("base", 6000, 64, 1e-3, "bench", "small", 8000, 64, 5e-4, 60000),
+    # Seconds: the tests' end-to-end check of this command's wiring (not a useful model).
+    "smoke": DemoSize("tiny", 4, 8, 2e-3, "tiny", "tiny", 4, 8, 1e-3, 64, "bytes"),
 }
 
 
@@ -75,7 +78,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     size = cfg.size if cfg.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     if size not in DEMO_SIZES:
-        raise PartiError(f"--size must be auto, cpu or gpu; got {cfg.size!r}")
+        raise PartiError(f"--size must be auto, cpu, gpu or smoke; got {cfg.size!r}")
     s = DEMO_SIZES[size]
     out, images = Path(cfg.out), Path(cfg.images)
     images.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tok_cfg = TokenizerTrainConfig(data="synthetic", preset=s.tokenizer_preset, out=str(out / "tokenizer"),
                                    steps=s.tokenizer_steps, batch_size=s.tokenizer_batch, lr=s.tokenizer_lr,
                                    warmup_steps=50, perceptual_weight=0.0, adversarial_weight=0.0,
-                                   sample_every=s.tokenizer_steps // 2, save_every=s.tokenizer_steps // 4,
+                                   sample_every=max(1, s.tokenizer_steps // 2), save_every=max(1, s.tokenizer_steps // 4),
                                    synthetic_length=s.synthetic_length, seed=cfg.seed, progress=cfg.progress,
                                    resume=True)
     if not _finished(out / "tokenizer", s.tokenizer_steps):
@@ -91,9 +94,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     t_tok = time.time() - t0
     gen_cfg = GeneratorTrainConfig(data="synthetic", tokenizer=str(out / "tokenizer"), preset=s.generator_preset,
                                    out=str(out / "generator"), text_preset=s.text_preset, vocab_size=300,
+                                   text_tokenizer=s.text_tokenizer,
                                    steps=s.generator_steps, batch_size=s.generator_batch, lr=s.generator_lr,
-                                   warmup_steps=50, sample_every=s.generator_steps // 2,
-                                   save_every=s.generator_steps // 4, synthetic_length=s.synthetic_length,
+                                   warmup_steps=50, sample_every=max(1, s.generator_steps // 2),
+                                   save_every=max(1, s.generator_steps // 4), synthetic_length=s.synthetic_length,
                                    seed=cfg.seed, progress=cfg.progress, resume=True)
     if not _finished(out / "generator", s.generator_steps):
         train_generator(gen_cfg)

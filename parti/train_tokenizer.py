@@ -24,8 +24,10 @@ from parti.metrics import psnr
 from parti.plots import reconstruction_grid
 from parti.runs import MetricsLogger, RunFolder
 from parti.tokenizer import TOKENIZER_PRESETS, VQTokenizer, build_tokenizer, save_tokenizer
-from parti.trainer import (Checkpoints, NonFiniteGuard, StopRequest, batch_stream, capture_rng, flatten_optimizer,
-                           lr_at, make_accelerator, make_adamw, restore_optimizer, restore_rng, set_lr)
+from parti.trainer import (Checkpoints, NonFiniteGuard, StopRequest, average_gradients, batch_stream, capture_rng,
+                           check_resumable, check_stage, codebook_stats, flatten_optimizer, load_module, lr_at,
+                           make_accelerator, make_adamw, on_main, reduce_logs, remove_temporaries, replicas_agree,
+                           restore_optimizer, restore_rng, rng_untouched, seed_everything, set_lr, total_over_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,9 @@ def val_batch(source, n: int) -> torch.Tensor:
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
-    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    check_stage(out, "tokenizer", resume=cfg.resume)
+    seed_everything(cfg.seed)
     model = build_tokenizer(cfg.preset)
     size = model.config.image_size
     loss_fn = TokenizerLoss(LossConfig(l2_weight=cfg.l2_weight, l1_weight=cfg.l1_weight,
@@ -118,82 +122,100 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                             image_size=size, pretrained_vgg=cfg.pretrained_vgg)
     train_src, val_src = open_split(cfg, "train", size), open_split(cfg, "val", size)
     val_images = val_batch(val_src, cfg.val_images).to(acc.device)
+    model_config = dataclasses.asdict(model.config)
 
-    run = RunFolder(cfg.out, config={"stage": "tokenizer", **dataclasses.asdict(cfg),
-                                     "model": dataclasses.asdict(model.config)},
-                    resume=cfg.resume, mixed_precision=acc.mixed_precision) if acc.is_main_process else None
+    ckpts = Checkpoints(out, keep=cfg.keep_checkpoints)
+    state = ckpts.latest() if cfg.resume else None  # before run.json changes: a refusal leaves no trace
+    if state is not None:
+        check_resumable(state[1], stage="tokenizer", model=model_config, where=out)
+    run = on_main(acc, lambda: RunFolder(out, config={"stage": "tokenizer", **dataclasses.asdict(cfg),
+                                                      "model": model_config},
+                                         resume=cfg.resume, mixed_precision=acc.mixed_precision))
     acc.wait_for_everyone()
-    ckpts = Checkpoints(cfg.out, keep=cfg.keep_checkpoints)
     disc = loss_fn.discriminator
     opt = make_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     opt_d = make_adamw(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)) if disc else None
 
     step, epoch, position = 0, 0, 0
-    state = ckpts.latest() if cfg.resume else None
     if state is not None:
         tensors, meta = state
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_module(model, tensors, "model", what="tokenizer weights")  # codebook usage buffers included
         restore_optimizer(opt, tensors, meta["opt"], "opt")
         if disc is not None and "disc_opt" in meta:
-            disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            load_module(disc, tensors, "disc", what="discriminator")
             restore_optimizer(opt_d, tensors, meta["disc_opt"], "optd")
-        restore_rng(tensors)
+        elif disc is not None:
+            log.warning("the checkpoint has no discriminator (adversarial loss was off): starting a fresh one")
+        restore_rng(tensors)  # last: building the models above drew from the RNG
         step, epoch, position = meta["step"], meta["epoch"], meta["position"]
         log.info("resumed from step %d", step)
     model, opt = acc.prepare(model, opt)
     loss_fn.to(acc.device)
     if disc is not None:
-        disc, opt_d = acc.prepare(disc, opt_d)
+        # D stays outside DDP: the loss calls it both frozen (generator term) and trained (its own
+        # term); its gradients are averaged over ranks by hand before its step.
+        opt_d = acc.prepare(opt_d)
     raw: VQTokenizer = acc.unwrap_model(model)
     metrics = MetricsLogger(run.metrics_path) if run else None
     if metrics is not None and state is not None:
         metrics.truncate_after(step)
 
+    def export() -> None:
+        with rng_untouched():
+            save_tokenizer(raw, out)
+
     def save(at: int, ep: int, pos: int) -> None:
+        in_sync = replicas_agree(acc, raw) and (disc is None or replicas_agree(acc, disc))  # every rank calls
         if not acc.is_main_process:
             return
         tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
         opt_t, opt_meta = flatten_optimizer(opt, "opt")
-        meta = {"epoch": ep, "position": pos, "opt": opt_meta}
+        meta = {"stage": "tokenizer", "model": model_config, "epoch": ep, "position": pos, "opt": opt_meta,
+                "replicas_in_sync": in_sync, "world_size": acc.num_processes}
         tensors.update(opt_t)
         if disc is not None:
-            tensors.update({f"disc.{k}": v for k, v in acc.unwrap_model(disc).state_dict().items()})
+            tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
             d_t, meta["disc_opt"] = flatten_optimizer(opt_d, "optd")
             tensors.update(d_t)
         ckpts.save(at, {**tensors, **capture_rng()}, meta)
-        save_tokenizer(raw, cfg.out)
+        export()  # after the training state: a torn export is rewritten from it on --resume
 
     @torch.no_grad()
     def evaluate(at: int) -> dict[str, float]:
         model.eval()
-        recon = torch.cat([raw(val_images[i:i + 32]).reconstruction for i in range(0, len(val_images), 32)])
+        with rng_untouched():  # evaluation never moves the training RNG (resume equality)
+            recon = torch.cat([raw(val_images[i:i + 32]).reconstruction for i in range(0, len(val_images), 32)])
+            if acc.is_main_process:
+                reconstruction_grid(val_images[:8].cpu(), recon[:8].float().cpu(), title=f"step {at}",
+                                    path=out / "samples" / f"step_{at:07d}.png")
         model.train()
-        if acc.is_main_process:
-            reconstruction_grid(val_images[:8].cpu(), recon[:8].float().cpu(), title=f"step {at}",
-                                path=Path(cfg.out) / "samples" / f"step_{at:07d}.png")
         return {"val_psnr": float(psnr(recon.float().clamp(-1, 1), val_images).mean()),
                 "val_l1": float((recon.float() - val_images).abs().mean())}
 
-    guard, stop = NonFiniteGuard(), StopRequest()
+    if state is not None and acc.is_main_process:
+        remove_temporaries(out)
+        export()  # rewrite an export a kill may have torn, from the checkpoint
+    guard, guard_d, stop = NonFiniteGuard(), NonFiniteGuard(what="discriminator loss"), StopRequest()
     stream = batch_stream(train_src, data_mod.collate, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                           start=position, rank=acc.process_index, world=acc.num_processes,
                           num_workers=cfg.num_workers, flip_prob=0.5 if cfg.flip else 0.0)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and acc.is_main_process), desc="tokenizer")
-    t0, seen = time.time(), 0
+    t0, seen, grad_norm = time.time(), 0, torch.tensor(float("nan"))
     with stop.installed():
         while step < cfg.steps:
             epoch, position, batch = next(stream)
             position += 1
-            if batch is None:  # every image of this batch was unreadable (each was warned about)
+            # Every image of a batch unreadable (each was warned about): skip it, on all ranks together.
+            if total_over_ranks(acc, float(batch is None)) > 0:
                 continue
             images = batch["image"].to(acc.device)
             set_lr(opt, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
             with acc.autocast():
-                out = model(images)
-                loss, logs = loss_fn.generator_loss(images, out.reconstruction.float(), commit_loss=out.commit_loss,
+                res = model(images)
+                loss, logs = loss_fn.generator_loss(images, res.reconstruction.float(), commit_loss=res.commit_loss,
                                                     step=step, last_layer=raw.last_layer)
-            if guard.ok(loss):
+            if guard.ok(loss, acc):
                 opt.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -201,37 +223,41 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                 if disc is not None and loss_fn.adversarial_on(step):
                     set_lr(opt_d, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
                     with acc.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(images, out.reconstruction.float(), step=step)
-                    opt_d.zero_grad(set_to_none=True)
-                    acc.backward(d_loss)
-                    opt_d.step()
+                        d_loss, d_logs = loss_fn.discriminator_loss(images, res.reconstruction.float(), step=step)
+                    if guard_d.ok(d_loss, acc):
+                        opt_d.zero_grad(set_to_none=True)
+                        acc.backward(d_loss)
+                        average_gradients(acc, disc)
+                        opt_d.step()
                     logs.update(d_logs)
             step += 1
             seen += images.shape[0] * acc.num_processes
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                p = float(psnr(out.reconstruction.detach().float().clamp(-1, 1), images).mean())
-                row = {**logs, "psnr": p, "usage": float(out.usage), "perplexity": float(out.perplexity),
+                logs["psnr"] = float(psnr(res.reconstruction.detach().float().clamp(-1, 1), images).mean())
+                row = {**reduce_logs(acc, logs), **codebook_stats(acc, res.codes, raw.config.codebook_size),
                        "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                       "images_per_s": seen / (time.time() - t0), "skipped_images": getattr(train_src, "skipped", 0),
-                       "nonfinite_steps": guard.total}
+                       "images_per_s": seen / (time.time() - t0),
+                       "skipped_images": int(total_over_ranks(acc, getattr(train_src, "skipped", 0))),
+                       "nonfinite_steps": guard.total + guard_d.total}
                 if metrics:
                     metrics.log(step, **row)
-                bar.set_postfix(loss=f"{row['total']:.4f}", psnr=f"{p:.2f}", usage=f"{row['usage']:.2f}")
+                bar.set_postfix(loss=f"{row['total']:.4f}", psnr=f"{row['psnr']:.2f}", usage=f"{row['usage']:.2f}")
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 row = evaluate(step)
                 if metrics:
                     metrics.log(step, split="val", **row)
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+            stopping = stop.should_stop(acc)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
                 save(step, epoch, position)
                 acc.wait_for_everyone()
-            if stop.requested:
+            if stopping:
                 log.warning("stopped at step %d; rerun with --resume to continue", step)
                 break
     bar.close()
     if metrics:
         metrics.close()
-    return Path(cfg.out)
+    return out
 
 
 def config_from_args(values: dict) -> TokenizerTrainConfig:
