@@ -1,0 +1,351 @@
+"""Stage-2 generator: training step and sampling, ours vs the anchor (parti-pytorch 0.2.0), alternated.
+
+Reference configuration on both sides: dim 512, depth 6, 8 heads (64 wide), 8192 codes, 16x16 = 256 image
+tokens, 32 text tokens of width 768 given as precomputed embeddings (the same tensors for both).
+
+    python benchmarks/bench_generator.py --parts train    # training step (~2 min on 2 idle cores)
+    python benchmarks/bench_generator.py --parts sample   # sampling (~9 min: the anchor's runs are minutes each)
+    python benchmarks/bench_generator.py --quick          # both, ~4 min: fewer rounds, anchor at batch 1 only
+
+Figures: the training step (batch 8: loss, backward, AdamW) and sampling all 256 tokens at batch 1, 4, 16
+with guidance (scale 3) and without (scale 1), each with its peak memory; our achieved FLOP/s as a share
+of an fp32 matmul peak measured in the same rounds; and a check for subnormal floats in the backward pass.
+Ours samples with top-k 819 (10% of the codes), as the anchor's generate() does (filter_thres=0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import common  # noqa: I001 - puts the repository on sys.path
+from parti.generator import build_generator
+from parti.sampling import SamplingParams, generate
+
+TEXT_LEN = 32
+TOP_K = 819  # the anchor's top_k(filter_thres=0.9) keeps int(0.1 * 8192) = 819 logits
+
+
+def text_inputs(batch: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precomputed text states (B, 32, width) and a mask with 12..32 real tokens per row."""
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, TEXT_LEN, width, generator=g)
+    lengths = torch.randint(12, TEXT_LEN + 1, (batch,), generator=g)
+    mask = torch.arange(TEXT_LEN)[None] < lengths[:, None]
+    return states * mask[..., None], mask
+
+
+# ---- training step ------------------------------------------------------------------------------
+
+def ours_train_step(gen, opt, codes, states, mask, rng):
+    drop = torch.rand(codes.shape[0], generator=rng) < gen.config.cond_drop_prob
+    ctx, ctx_mask = gen.encode_condition(states, mask, drop=drop)
+    logits = gen(codes, ctx, ctx_mask)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def anchor_train_step(model, opt, codes, states, mask):
+    loss = model(text_token_embeds=states, text_mask=mask, image_token_ids=codes, return_loss=True)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def logit_grad_subnormals(forward_logits, codes) -> float:
+    """Share of subnormal values in d loss / d logits: the tensor both backward matmuls of the head read."""
+    logits = forward_logits()
+    logits.retain_grad()
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1)).backward()
+    return common.subnormal_share([logits.grad])
+
+
+def subnormal_diagnostic(fns: dict, repeats: int) -> dict:
+    """Time each step at 1 thread with flush-to-zero off and on, alternated. set_flush_denormal only
+    reaches the calling thread, so one thread is the only setting where FTZ applies to all the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for name, fn in fns.items():
+            def ftz_on(fn=fn):
+                torch.set_flush_denormal(True)
+                try:
+                    fn()
+                finally:
+                    torch.set_flush_denormal(False)
+            runs[f"{name}"] = fn
+            runs[f"{name}+ftz"] = ftz_on
+        samples = common.alternate(runs, repeats=repeats, warmup=0, memory=False)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: {"plain_s": samples[name].median, "ftz_s": samples[f"{name}+ftz"].median,
+                   "slowdown_from_subnormals": common.paired_ratio(samples[name], samples[f"{name}+ftz"])}
+            for name in fns}
+
+
+def bench_train(args, gen, anchor_model, peak_probe) -> dict:
+    c = gen.config
+    b = args.batch
+    codes = torch.randint(0, c.num_codes, (b, c.seq_len), generator=torch.Generator().manual_seed(1))
+    states, mask = text_inputs(b, c.text_dim, seed=2)
+    gen.train()
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-4)
+    rng = torch.Generator().manual_seed(3)
+    fns = {"ours": lambda: ours_train_step(gen, opt, codes, states, mask, rng)}
+    if anchor_model is not None:
+        anchor_model.train()
+        a_opt = torch.optim.AdamW(anchor_model.parameters(), lr=1e-4)
+        fns["anchor"] = lambda: anchor_train_step(anchor_model, a_opt, codes, states, mask)
+    probe, probe_flops = peak_probe
+    fns["matmul"] = probe
+    common.log(f"training step, batch {b}: {args.repeats} alternating rounds")
+    s = common.alternate(fns, repeats=args.repeats, warmup=1, log=common.log)
+
+    flops = 3 * common.generator_forward_flops(c, batch=b, text_len=TEXT_LEN)
+    peak = [probe_flops / t for t in s["matmul"].seconds]
+    share = [flops / t / p for t, p in zip(s["ours"].seconds, peak)]
+    out = {"batch": b, "ours": common.summary(s["ours"]), "matmul_peak_gflops": statistics.median(peak) / 1e9,
+           "ours_flops": flops, "ours_gflops": flops / s["ours"].median / 1e9,
+           "ours_share_of_peak": statistics.median(share), "ours_share_of_peak_range": [min(share), max(share)]}
+
+    # Subnormal floats in the gradient of the logits (the anchor ties a N(0, 1) embedding to its head).
+    def ours_logits():
+        ctx, cm = gen.encode_condition(states, mask)
+        return gen(codes, ctx, cm)
+    out["ours_dlogits_subnormal_share"] = logit_grad_subnormals(ours_logits, codes)
+    gen.zero_grad(set_to_none=True)
+    if anchor_model is not None:
+        out["anchor"] = common.summary(s["anchor"])
+        out["ratio_anchor_over_ours"] = common.paired_ratio(s["anchor"], s["ours"])
+        out["anchor_flops"] = common.counted_flops(lambda: anchor_train_step(anchor_model, a_opt, codes, states, mask))
+        out["anchor_gflops"] = out["anchor_flops"] / s["anchor"].median / 1e9
+        out["anchor_dlogits_subnormal_share"] = logit_grad_subnormals(
+            lambda: anchor_model(text_token_embeds=states, text_mask=mask, image_token_ids=codes[:, :-1]), codes)
+        anchor_model.zero_grad(set_to_none=True)
+        if args.subnormal_check:
+            common.log("subnormal check: 1 thread, flush-to-zero off vs on")
+            out["subnormal_check_1_thread"] = subnormal_diagnostic(
+                {"ours": fns["ours"], "anchor": fns["anchor"]}, repeats=2)
+    return out
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
+    from anchor import anchor_sample_loop, set_anchor_text
+
+    c = gen.config
+    gen.eval()
+    probe, probe_flops = peak_probe
+    rows = []
+    for b in args.sample_batches:
+        states, mask = text_inputs(b, c.text_dim, seed=10 + b)
+        for scale in (3.0, 1.0):
+            params = SamplingParams(guidance_scale=scale, temperature=1.0, top_k=TOP_K)
+
+            def ours(states=states, mask=mask, params=params):
+                with torch.no_grad():
+                    ctx, ctx_mask = gen.encode_condition(states, mask)
+                return generate(gen, ctx, ctx_mask, params=params, generator=torch.Generator().manual_seed(0))
+
+            fns = {"ours": ours, "matmul": probe}
+            with_anchor = anchor_model is not None and b in (
+                args.anchor_sample_batches if scale == 3.0 else args.anchor_scale1_batches)
+            if with_anchor:
+                if scale == 3.0:  # its own generate(): always scale 3, whatever cond_scale says
+                    set_anchor_text(anchor_model, states, mask)
+                    fns["anchor"] = lambda b=b: anchor_model.generate([""] * b)
+                else:  # its loop with the scale passed through: one forward per token
+                    fns["anchor"] = lambda states=states, mask=mask: anchor_sample_loop(
+                        anchor_model, states, mask, cond_scale=1.0)
+            name = f"batch {b}, guidance {'on (3)' if scale != 1 else 'off (1)'}"
+            common.log(f"sampling {name}")
+            ours()  # warm-up (thread pools, allocator)
+            if with_anchor:
+                # Anchor rounds are long: each runs beside ours and the probe; extra rounds are ours only.
+                s = common.alternate(fns, repeats=args.anchor_repeats, warmup=0, log=common.log)
+                extra = max(args.sample_repeats - args.anchor_repeats, 0)
+                if extra:
+                    more = common.alternate({"ours": ours, "matmul": probe}, repeats=extra, warmup=0)
+                    for k in ("ours", "matmul"):
+                        s[k].seconds += more[k].seconds
+                        s[k].peak_mib += more[k].peak_mib
+            else:
+                s = common.alternate(fns, repeats=args.sample_repeats, warmup=0, log=common.log)
+            flops = common.generator_sample_flops(c, batch=b, text_len=TEXT_LEN, guided=scale != 1)
+            peak = [probe_flops / t for t in s["matmul"].seconds]
+            share = [flops / t / p for t, p in zip(s["ours"].seconds, peak)]
+            row = {"batch": b, "guidance_scale": scale, "ours": common.summary(s["ours"]),
+                   "ours_images_per_s": b / s["ours"].median, "ours_flops": flops,
+                   "ours_gflops": flops / s["ours"].median / 1e9, "matmul_peak_gflops": statistics.median(peak) / 1e9,
+                   "ours_share_of_peak": statistics.median(share), "ours_share_of_peak_range": [min(share), max(share)]}
+            if with_anchor:
+                row["anchor"] = common.summary(s["anchor"])
+                row["ratio_anchor_over_ours"] = common.paired_ratio(s["anchor"], s["ours"])
+                row["anchor_call"] = "generate() (always scale 3)" if scale == 3 else "its loop at scale 1"
+            rows.append(row)
+    return rows
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+
+def profile_table(fn, rows: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=52)
+
+
+def print_profiles(args, gen) -> None:
+    c = gen.config
+    codes = torch.randint(0, c.num_codes, (args.batch, c.seq_len))
+    states, mask = text_inputs(args.batch, c.text_dim, seed=2)
+    gen.train()
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-4)
+    rng = torch.Generator().manual_seed(3)
+    ours_train_step(gen, opt, codes, states, mask, rng)
+    print(f"\nProfile: our training step, batch {args.batch}\n"
+          + profile_table(lambda: ours_train_step(gen, opt, codes, states, mask, rng)))
+    gen.eval()
+    b = max(args.sample_batches)
+    states, mask = text_inputs(b, c.text_dim, seed=10 + b)
+    params = SamplingParams(guidance_scale=3.0, temperature=1.0, top_k=TOP_K)
+
+    def run():
+        with torch.no_grad():
+            ctx, ctx_mask = gen.encode_condition(states, mask)
+        generate(gen, ctx, ctx_mask, params=params, generator=torch.Generator().manual_seed(0))
+    print(f"\nProfile: our guided sampling, batch {b} (256 steps)\n" + profile_table(run))
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | None, float, bool | None]]:
+    print(f"\nMachine: {common.describe(info)}")
+    print(f"fp32 matmul peak ({common.MATMUL_N}^2, measured in the same rounds): {peak_gflops:.0f} GFLOP/s")
+    anchor_params = "-" if params.get("anchor") is None else f"{params['anchor'] / 1e6:.1f}M"
+    print(f"Parameters: ours {params['ours'] / 1e6:.1f}M, anchor {anchor_params} "
+          "(the anchor ties its head to the code embedding and shares one key/value head across 8 query heads)")
+    targets = []
+    if train:
+        rows = [["ours", common.fmt_s(train["ours"]["median_s"]),
+                 f"{common.fmt_s(train['ours']['q25_s'])} - {common.fmt_s(train['ours']['q75_s'])}",
+                 common.fmt_mib(train["ours"]["peak_mib"]), f"{train['ours_gflops']:.0f}",
+                 f"{100 * train['ours_share_of_peak']:.0f}%", f"{train['ours_dlogits_subnormal_share']:.3f}"]]
+        if "anchor" in train:
+            a = train["anchor"]
+            rows.append(["anchor", common.fmt_s(a["median_s"]), f"{common.fmt_s(a['q25_s'])} - {common.fmt_s(a['q75_s'])}",
+                         common.fmt_mib(a["peak_mib"]), f"{train['anchor_gflops']:.0f}", "-",
+                         f"{train['anchor_dlogits_subnormal_share']:.3f}"])
+        print()
+        print(common.table(["side", "median", "IQR", "peak MiB", "GFLOP/s", "of peak", "subnormal dlogits"], rows,
+                           title=f"Training step, batch {train['batch']} (loss + backward + AdamW)"))
+        if "ratio_anchor_over_ours" in train:
+            r = train["ratio_anchor_over_ours"]
+            print(f"speed-up (anchor time / ours, paired per round): {common.fmt_ratio(r)}")
+            targets.append(("training step >= 2x", r["median"], 2.0, r["median"] >= 2.0))
+        if "subnormal_check_1_thread" in train:
+            for side, d in train["subnormal_check_1_thread"].items():
+                print(f"  1 thread, {side}: {common.fmt_s(d['plain_s'])} plain vs {common.fmt_s(d['ftz_s'])} with "
+                      f"flush-to-zero: subnormals cost {common.fmt_ratio(d['slowdown_from_subnormals'])}")
+    if sample:
+        rows = []
+        for r in sample:
+            ratio = r.get("ratio_anchor_over_ours")
+            rows.append([str(r["batch"]), "on (3)" if r["guidance_scale"] != 1 else "off (1)",
+                         common.fmt_s(r["ours"]["median_s"]),
+                         f"{common.fmt_s(r['ours']['q25_s'])} - {common.fmt_s(r['ours']['q75_s'])}",
+                         f"{r['ours_images_per_s']:.2f}", common.fmt_mib(r["ours"]["peak_mib"]),
+                         f"{100 * r['ours_share_of_peak']:.0f}%",
+                         common.fmt_s(r["anchor"]["median_s"]) if "anchor" in r else "-",
+                         common.fmt_mib(r["anchor"]["peak_mib"]) if "anchor" in r else "-",
+                         common.fmt_ratio(ratio)])
+            if ratio and r["guidance_scale"] == 3.0 and r["batch"] in (1, 4):
+                need = 10.0 if r["batch"] == 1 else 20.0
+                targets.append((f"guided sampling b{r['batch']} >= {need:.0f}x", ratio["median"], need,
+                                ratio["median"] >= need))
+            if r["batch"] == 16 and r["guidance_scale"] == 3.0:
+                targets.append(("guided sampling b16 >= 30% of matmul peak", r["ours_share_of_peak"], 0.30,
+                                r["ours_share_of_peak"] >= 0.30))
+        print()
+        print(common.table(["batch", "guidance", "ours", "ours IQR", "img/s", "peak MiB", "of peak",
+                            "anchor", "anchor MiB", "speed-up [IQR]"], rows,
+                           title="Sampling all 256 tokens (ours: KV cache, top-k 819; anchor: full prefix per token)"))
+    if targets:
+        print()
+        print(common.table(["target", "measured", "needed", "met"],
+                           [[t, f"{m:.2f}", f"{n:.2f}", {True: "yes", False: "NO", None: "-"}[ok]]
+                            for t, m, n, ok in targets], title="Targets"))
+    return targets
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
+    p.add_argument("--quick", action="store_true", help="fewer rounds; the anchor samples at batch 1, guided, only")
+    p.add_argument("--repeats", type=int, default=None, help="training-step rounds (default 5, quick 3)")
+    p.add_argument("--sample-repeats", type=int, default=None, help="our sampling rounds (default 3, quick 2)")
+    p.add_argument("--anchor-repeats", type=int, default=1, help="anchor sampling rounds (each is minutes)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sample-batches", default=None, help="default 1,4,16 (quick 1,4)")
+    p.add_argument("--anchor-sample-batches", default=None,
+                   help="batches at which the anchor samples with guidance (default 1,4; quick 1); 16 adds ~20 minutes")
+    p.add_argument("--anchor-scale1-batches", default=None,
+                   help="batches at which the anchor's loop also runs at scale 1 (default 1; quick: none)")
+    p.add_argument("--no-anchor", action="store_true")
+    p.add_argument("--no-subnormal-check", dest="subnormal_check", action="store_false")
+    p.add_argument("--parts", default="train,sample")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler tables: one training step and one guided sampling run at the largest batch")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.sample_repeats = args.sample_repeats or (2 if args.quick else 3)
+    args.sample_batches = [int(x) for x in (args.sample_batches or ("1,4" if args.quick else "1,4,16")).split(",")]
+    args.anchor_sample_batches = [int(x) for x in (args.anchor_sample_batches or ("1" if args.quick else "1,4")).split(",")]
+    scale1 = args.anchor_scale1_batches if args.anchor_scale1_batches is not None else ("" if args.quick else "1")
+    args.anchor_scale1_batches = [int(x) for x in scale1.split(",") if x]
+    args.parts = set(args.parts.split(","))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    info = common.setup(args.threads)
+    gen = build_generator("bench")
+    anchor_model = None
+    if not args.no_anchor:
+        try:
+            from anchor import build_anchor_parti
+
+            anchor_model = build_anchor_parti(dim=gen.config.dim, depth=gen.config.depth, heads=gen.config.heads,
+                                              num_codes=gen.config.num_codes, grid_size=gen.config.grid_size,
+                                              text_dim=gen.config.text_dim)
+        except Exception as e:  # not installed: report ours alone
+            common.log(f"anchor unavailable ({e}); measuring ours only")
+    params = {"ours": common.num_params(gen), "anchor": None if anchor_model is None else common.num_params(anchor_model)}
+    peak_probe = common.matmul_probe()
+    train = bench_train(args, gen, anchor_model, peak_probe) if "train" in args.parts else None
+    sample = bench_sample(args, gen, anchor_model, peak_probe) if "sample" in args.parts else None
+    peaks = ([train["matmul_peak_gflops"]] if train else []) + [r["matmul_peak_gflops"] for r in sample or []]
+    peak_gflops = statistics.median(peaks) if peaks else common.matmul_peak() / 1e9
+    targets = report(info, params, train, sample, peak_gflops)
+    if args.profile:
+        print_profiles(args, gen)
+    common.emit_json({"benchmark": "generator", "machine": info, "threads": args.threads, "quick": args.quick,
+                      "config": {"dim": 512, "depth": 6, "heads": 8, "codes": 8192, "image_tokens": 256,
+                                 "text_tokens": TEXT_LEN, "text_dim": 768, "train_batch": args.batch, "top_k": TOP_K},
+                      "params": params, "matmul_peak_gflops": peak_gflops, "train": train, "sample": sample,
+                      "targets": [{"target": t, "measured": m, "needed": n, "met": ok} for t, m, n, ok in targets]})
+
+
+if __name__ == "__main__":
+    main()
