@@ -1,12 +1,13 @@
 """Soak: thousands of tiny training steps through the real training loops, resident memory sampled.
 
 Both stages run in this process with everything a long run does: logging every 25 steps, evaluation and
-sample grids every 250, checkpoints (keep 2) and exports every 250. The resident set size is read from
-/proc/self/statm at every log line; after a warm-up (the first quarter of the steps: allocator pools,
-optimizer state, the synthetic renderer's cache) a least-squares line is fitted to RSS against step.
+sample grids, checkpoints (keep 2) and exports every steps/8 (250 at the default 2000). The resident set
+size is read from /proc/self/statm at every log line; after a warm-up (the first quarter of the steps:
+allocator pools, optimizer state, the synthetic renderer's cache) a least-squares line is fitted to RSS
+against step.
 A leak shows as a positive slope; flat memory as a slope near zero (allocator noise: a few MiB).
 
-    python benchmarks/soak.py                 # 2000 steps per stage (~10 min on 2 busy cores)
+    python benchmarks/soak.py                 # 2000 steps per stage (~4 min on 2 busy cores)
     python benchmarks/soak.py --quick         # 300 steps per stage
     python benchmarks/soak.py --steps 8000 --stages tokenizer
 """
