@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except PartiError as e:
-        print(f"parti: error: {e}", file=sys.stderr)
+        # One write per message: ranks sharing a stderr pipe then cannot splice their lines together.
+        sys.stderr.write(f"parti: error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("parti: interrupted", file=sys.stderr)

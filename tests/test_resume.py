@@ -35,14 +35,7 @@ GENERATOR = {"preset": "tiny", "text_preset": "tiny", "vocab_size": 300, "steps"
              "mixed_precision": "no", "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models gain nothing from threads, and on shared cores two spinning threads cost 10x. Module
-    scope: it must also cover the module's fixtures (bit-equal runs need the same thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def cli_args(options: dict) -> list[str]:

@@ -21,14 +21,7 @@ from parti.errors import PartiError
 PARTI = Path(__file__).resolve().parent.parent / "parti"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models gain nothing from threads, and on shared cores two spinning threads cost 10x. Module
-    scope: it must also cover the module's fixtures (bit-equal runs need the same thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Payload:
@@ -57,24 +50,8 @@ def armed(tmp_path: Path, name: str, *, zip_archive: bool = False) -> tuple[Path
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """A tokenizer folder and a generator folder (tokenizer/ and a byte-level text_encoder/ inside)."""
-    from parti.generator import build_generator, save_generator
-    from parti.text import TEXT_ENCODER_PRESETS, ByteTokenizer, TrainableTextEncoder, save_text_encoder
-    from parti.tokenizer import build_tokenizer, save_tokenizer
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tok = build_tokenizer("tiny")
-    save_tokenizer(tok, root / "tok")
-    import dataclasses
-    config = dataclasses.replace(TEXT_ENCODER_PRESETS["tiny"], tokenizer="bytes", vocab_size=ByteTokenizer.vocab_size)
-    encoder = TrainableTextEncoder(config)
-    save_text_encoder(encoder, root / "gen" / "text_encoder")
-    save_tokenizer(tok, root / "gen" / "tokenizer")
-    save_generator(build_generator("tiny", text_dim=encoder.dim), root / "gen",
-                   extra={"tokenizer_fingerprint": tok.fingerprint(), "text_encoder": encoder.identity()})
-    return root
+def folders(tiny_folders):
+    return tiny_folders
 
 
 def copy_folder(src: Path, dst: Path) -> Path:
