@@ -43,9 +43,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_encoder=None,
                    splits: tuple[str, ...] = ("train", "val"), batch_size: int = 64, shard_size: int = 10000,
                    device: str | torch.device | None = None, synthetic_length: int = 20000, seed: int = 0,
-                   image_column: str | None = None, caption_column: str | None = None,
-                   max_items: int | None = None, progress: bool = True) -> Path:
-    """Encode `data` with the tokenizer folder `tokenizer` (and a frozen `text_encoder`) into `out`."""
+                   holdout: bool = False, image_column: str | None = None, caption_column: str | None = None,
+                   max_items: int | None = None, num_workers: int = 0, progress: bool = True) -> Path:
+    """Encode `data` with the tokenizer folder `tokenizer` (and a frozen `text_encoder`) into `out`.
+
+    holdout: synthetic faces without the held-out (hair, background) pairs (recorded in the manifest).
+    num_workers: DataLoader processes that decode/render images while the tokenizer runs.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok: VQTokenizer = load_tokenizer(tokenizer, device=device)
     if tok.config.codebook_size > 65536:
@@ -58,16 +62,17 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
         "image_size": tok.config.image_size, "grid_size": tok.config.grid_size,
         "num_codes": tok.config.codebook_size,
         "text_encoder": text_encoder.identity() if text_encoder is not None else None,
-        "text_dim": getattr(text_encoder, "dim", None), "splits": {},
+        "text_dim": getattr(text_encoder, "dim", None), "holdout": holdout, "splits": {},
     }
     for split in splits:
         source = data_mod.open_source(data, split=split, image_size=tok.config.image_size, image_column=image_column,
-                                      caption_column=caption_column, seed=seed,
+                                      caption_column=caption_column, seed=seed, holdout=holdout,
                                       synthetic_length=synthetic_length if split == "train" else None)
         n_items = len(source) if max_items is None else min(len(source), max_items)
         indices = list(range(n_items))
         loader = DataLoader(torch.utils.data.Subset(source, indices), batch_size=batch_size,
-                            collate_fn=data_mod.collate)
+                            collate_fn=data_mod.collate, num_workers=num_workers,
+                            worker_init_fn=data_mod.ignore_stop_signals)
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         shards, codes_buf, caps_buf, text_buf, len_buf, count = [], [], [], [], [], 0
@@ -141,8 +146,14 @@ class CodeCache(Dataset):
     def has_text(self) -> bool:
         return self.manifest.get("text_encoder") is not None
 
-    def check(self, *, tokenizer_fingerprint: str, text_identity: dict | None) -> None:
-        """Refuse the cache if it was made by another tokenizer or T5 than the ones given."""
+    def check(self, *, tokenizer_fingerprint: str, text_identity: dict | None, holdout: bool | None = None) -> None:
+        """Refuse the cache if it was made by another tokenizer or T5 than the ones given, or (holdout not
+        None) with the held-out synthetic pairs left in when they should be out, or the other way round."""
+        made_holdout = bool(self.manifest.get("holdout", False))
+        if holdout is not None and made_holdout != holdout:
+            raise PartiError(f"cache {self.root} was encoded {'with' if made_holdout else 'without'} --holdout, but "
+                             f"this run asks {'for' if holdout else 'not for'} it; re-run `parti encode` "
+                             f"{'with' if holdout else 'without'} --holdout or drop the flag here")
         made = self.manifest["tokenizer_fingerprint"]
         if made != tokenizer_fingerprint:
             raise PartiError(f"cache {self.root} was made with tokenizer {made}, not {tokenizer_fingerprint}; "

@@ -51,7 +51,7 @@ def cmd_encode(args) -> None:
     encoder = None if args.text_encoder == "trainable" else text.load_t5(args.text_encoder, device=args.device or "cpu")
     out = encode_dataset(data=args.data, tokenizer=args.tokenizer, out=args.out, text_encoder=encoder,
                          batch_size=args.batch_size, device=args.device, synthetic_length=args.synthetic_length,
-                         image_column=args.image_column, caption_column=args.caption_column,
+                         holdout=args.holdout, num_workers=args.num_workers, image_column=args.image_column, caption_column=args.caption_column,
                          max_items=args.max_items)
     print(f"code cache written to {out}")
 
@@ -80,12 +80,15 @@ def cmd_demo(args) -> None:
     from parti.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig(out=args.out, images=args.images, size=args.size, seed=args.seed,
+                                  holdout=args.holdout, guidance_scale=args.guidance_scale,
                                   progress=not args.no_progress))
     acc = summary["attribute_accuracy"]
     print(f"demo finished in {summary['seconds']['total']:.0f} s ({summary['size']} configuration)")
-    for key in ("background_color", "hair_color"):
-        print(f"  {key} accuracy {acc.get(f'attribute_accuracy.{key}', float('nan')):.2%} "
-              f"(chance {acc.get(f'chance.{key}', float('nan')):.2%})")
+    for prefix in ("attribute_accuracy", "holdout_attribute_accuracy"):
+        for key in ("background_color", "hair_color", "overall"):
+            if f"{prefix}.{key}" in acc:
+                label = f"{key} accuracy" + (" (held-out pairs)" if prefix.startswith("holdout") else "")
+                print(f"  {label} {acc[f'{prefix}.{key}']:.2%} (chance {acc.get(f'chance.{key}', float('nan')):.2%})")
     print(f"  samples: {summary['images'][0]}\n  checkpoints: {summary['checkpoints']['generator']}")
 
 
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--synthetic-length", type=int, default=20000)
+    p.add_argument("--holdout", action="store_true",
+                   help="synthetic: leave out the held-out (hair, background) pairs, as `parti train --holdout`")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader processes")
     p.add_argument("--image-column", default=None)
     p.add_argument("--caption-column", default=None)
     p.add_argument("--max-items", type=int, default=None, help="encode at most this many items per split")
@@ -172,10 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="the main job: train both stages on synthetic faces, sample, evaluate")
-    p.add_argument("--out", default="checkpoints/demo", help="run folders go here")
+    p.add_argument("--out", default="", help="run folders go here (default: checkpoints/demo, or "
+                   "checkpoints/demo_holdout with --holdout)")
     p.add_argument("--images", default="images", help="pictures go here")
     p.add_argument("--size", default="auto", choices=["auto", "cpu", "gpu", "smoke"], help="configuration (auto: by device)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", action="store_true",
+                   help="train without the held-out (hair, background) pairs and report their accuracy apart")
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance of the grid and "
+                   "the accuracy prompts (default 2.0)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -269,6 +269,17 @@ def _buffer_shuffle(rows: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGINT/SIGTERM. A Ctrl-C, `timeout`, SLURM or a container
+    stop signals the whole process group; a worker that died of it would crash the main process's next
+    batch with a traceback before it could save its stop checkpoint. The main process stops the workers
+    (and they exit on their own if it dies)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # ---- open_source -------------------------------------------------------------------------------
 
 def open_source(spec: str, *, split: str = "train", image_size: int = 128, image_column: str | None = None,
@@ -284,6 +295,9 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
     if image_size < 8:
         raise PartiError(f"image_size must be >= 8, got {image_size}")
     common = {"split": split, "image_size": image_size}
+    if holdout and spec != "synthetic":
+        raise PartiError(f"--holdout holds out (hair, background) pairs of the synthetic faces; it needs --data "
+                         f"synthetic, not {spec!r}")
     if spec == "synthetic":
         return _open_synthetic(synthetic_length, seed, holdout, streaming, common)
     if spec.startswith("hf:"):
@@ -516,7 +530,8 @@ def make_loader(source: ImageSource, *, batch_size: int, shuffle: bool, seed: in
         stream = source.for_epoch(shuffle=shuffle, seed=seed, epoch=epoch, flip_prob=flip_prob,
                                   batch_size=batch_size, start=start, buffer=shuffle_buffer)
         return DataLoader(stream, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                          worker_init_fn=ignore_stop_signals,
                           collate_fn=collate)
     sampler = EpochSampler(len(source), shuffle=shuffle, seed=seed, flip_prob=flip_prob, epoch=epoch, start=start)
-    return DataLoader(source, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+    return DataLoader(source, batch_size=batch_size, sampler=sampler, drop_last=drop_last, worker_init_fn=ignore_stop_signals,
                       num_workers=num_workers, collate_fn=collate)

@@ -202,9 +202,14 @@ def _t_portrait(a: dict) -> str:
             f"{a['background_color']} background")
 
 
+def _accessories(a: dict) -> list[str]:
+    """Both accessories, worn or not: captions that say what is absent teach the text encoder negation."""
+    return ["glasses" if a["glasses"] else "no glasses", "a hat" if a["hat"] else "no hat"]
+
+
 def _t_tags(a: dict) -> str:
     parts = [f"{a['background_color']} background", f"{a['hair_length']} {a['hair_color']} hair",
-             f"{a['skin_tone']} skin", a["expression"]] + [e.removeprefix("a ") for e in _extras(a)]
+             f"{a['skin_tone']} skin", a["expression"]] + [e.removeprefix("a ") for e in _accessories(a)]
     return ", ".join(parts)
 
 
@@ -220,9 +225,8 @@ def _t_minimal(a: dict) -> str:
 
 
 def _t_cartoon(a: dict) -> str:
-    extras = f" and {_join(_extras(a))}" if _extras(a) else ""
     return (f"cartoon of a {_looking(a)} {a['skin_tone']}-skinned person with {a['hair_length']} "
-            f"{a['hair_color']} hair{extras} in front of a {a['background_color']} background")
+            f"{a['hair_color']} hair, {_join(_accessories(a))} in front of a {a['background_color']} background")
 
 
 def _t_background_first(a: dict) -> str:

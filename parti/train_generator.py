@@ -68,6 +68,7 @@ class GeneratorTrainConfig:
     cpu: bool = False
     num_workers: int = 0
     synthetic_length: int = 20000
+    holdout: bool = False  # synthetic: leave the (hair, background) pairs of HOLDOUT_COMBINATIONS out
     image_column: str = ""
     caption_column: str = ""
     resume: bool = False
@@ -155,13 +156,14 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
     if not is_cache(cache_dir):
         on_main(acc, lambda: encode_dataset(
             data=cfg.data, tokenizer=cfg.tokenizer, out=cache_dir, text_encoder=frozen_t5, device=acc.device,
-            synthetic_length=cfg.synthetic_length, seed=cfg.seed, image_column=cfg.image_column or None,
+            synthetic_length=cfg.synthetic_length, seed=cfg.seed, holdout=cfg.holdout, num_workers=cfg.num_workers,
+            image_column=cfg.image_column or None,
             caption_column=cfg.caption_column or None, progress=cfg.progress))
     acc.wait_for_everyone()
     train_set, val_set = CodeCache(cache_dir, "train"), CodeCache(cache_dir, "val")
     for ds in (train_set, val_set):
         ds.check(tokenizer_fingerprint=tokenizer.fingerprint(),
-                 text_identity=frozen_t5.identity() if frozen_t5 is not None else None)
+                 text_identity=frozen_t5.identity() if frozen_t5 is not None else None, holdout=cfg.holdout)
         if frozen_t5 is not None and not ds.has_text:
             raise PartiError(f"cache {cache_dir} holds no T5 states; re-run `parti encode --text-encoder "
                              f"{cfg.text_encoder}`")

@@ -67,6 +67,7 @@ class TokenizerTrainConfig:
     num_workers: int = 0
     flip: bool = True  # random horizontal flips
     synthetic_length: int = 20000
+    holdout: bool = False  # synthetic: leave the (hair, background) pairs of HOLDOUT_COMBINATIONS out
     image_column: str = ""
     caption_column: str = ""
     resume: bool = False
@@ -91,7 +92,7 @@ def open_split(cfg, split: str, image_size: int):
     return data_mod.open_source(cfg.data, split=split, image_size=image_size,
                                 image_column=cfg.image_column or None, caption_column=cfg.caption_column or None,
                                 synthetic_length=cfg.synthetic_length if split == "train" else None,
-                                seed=cfg.seed)
+                                seed=cfg.seed, holdout=cfg.holdout)
 
 
 def val_batch(source, n: int) -> torch.Tensor:

@@ -470,6 +470,8 @@ def batch_stream(dataset, collate, *, batch_size: int, seed: int, epoch: int, st
     A batch is None when every item in it was unreadable (the caller skips it)."""
     from torch.utils.data import DataLoader
 
+    from parti.data import ignore_stop_signals
+
     while True:
         batches = epoch_batches(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world=world,
                                 flip_prob=flip_prob)
@@ -477,7 +479,7 @@ def batch_stream(dataset, collate, *, batch_size: int, seed: int, epoch: int, st
         # otherwise, and a resumed run (a new iterator mid-epoch) would then shift the training RNG.
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate, num_workers=num_workers,
-                            generator=g)
+                            generator=g, worker_init_fn=ignore_stop_signals)
         for i, batch in enumerate(loader, start=start):
             yield epoch, i, batch
         epoch, start = epoch + 1, 0

@@ -207,6 +207,23 @@ def test_sigterm_from_outside_stops_a_real_run_cleanly(tokenizer_reference, tmp_
     assert_same_run(out, tokenizer_reference)
 
 
+
+def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly(tmp_path):
+    """`timeout`, SLURM and container stops signal the whole group: the DataLoader workers get SIGTERM too.
+    They ignore it, so the main process still saves the step it stopped at and exits 0, no traceback."""
+    out = tmp_path / "group"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "parti.cli", "-q", "train-tokenizer", *cli_args(TOKENIZER),
+                             "--num-workers", "2", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    wait_for_checkpoint(proc, out)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=240)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert "saving a checkpoint" in stderr and complete_steps(out)[-1] < TOTAL
+
 KILL_DURING_SAVE = r"""
 import os, signal, sys
 import safetensors.torch as st
