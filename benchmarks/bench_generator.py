@@ -11,12 +11,14 @@ Figures: the training step (batch 8: loss, backward, AdamW) and sampling all 256
 with guidance (scale 3) and without (scale 1), each with its peak memory; our achieved FLOP/s as a share
 of an fp32 matmul peak measured in the same rounds; and a check for subnormal floats in the backward pass.
 Ours samples with top-k 819 (10% of the codes), as the anchor's generate() does (filter_thres=0.9).
+Beside our fp32 sampler (the comparison at the anchor's precision), the same weights in bf16 (`parti sample
+--dtype bf16`: bf16 weights and KV cache, fp32 logits) run in the same rounds; their FLOP/s share is of a
+bf16 matmul peak measured in those rounds (AMX where the CPU has it). --no-bf16 leaves them out.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 
@@ -24,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
-import parti.sampling
 from parti.generator import build_generator
+from parti.pipeline import as_sampling_dtype
 from parti.sampling import SamplingParams, generate
 
 TEXT_LEN = 32
@@ -142,33 +144,13 @@ def bench_train(args, gen, anchor_model, peak_probe) -> dict:
 
 # ---- sampling -----------------------------------------------------------------------------------
 
-def select_within_top_k(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
-    """What-if for parti.sampling.select_next (same distribution, another random stream): sample among the
-    top-k logits only, by inverse CDF, instead of masking all 8192 and drawing 8192 exponentials per row."""
-    vals, idx = torch.topk(logits / params.temperature, params.top_k, dim=-1)
-    cdf = vals.softmax(dim=-1).cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
-    return idx.gather(-1, torch.searchsorted(cdf, u).clamp_max(params.top_k - 1)).squeeze(-1)
-
-
-@contextlib.contextmanager
-def patched_select(fn):
-    original = parti.sampling.select_next
-    parti.sampling.select_next = fn
-    try:
-        yield
-    finally:
-        parti.sampling.select_next = original
-
-
-def our_samplers(gen, what_if: bool) -> dict:
-    """name -> (model, select function or None for parti's own)."""
-    samplers = {"ours": (gen, None)}
-    if what_if:
-        bf16 = copy.deepcopy(gen).to(torch.bfloat16).eval()  # bf16 weights, so a bf16 KV cache
-        samplers.update({"what-if: bf16 weights + cache": (bf16, None),
-                         "what-if: top-k select": (gen, select_within_top_k),
-                         "what-if: both": (bf16, select_within_top_k)})
+def our_samplers(gen, bf16: bool) -> dict:
+    """name -> model: ours in fp32 (the comparison at the anchor's precision) and, with `bf16`, the same
+    weights in bf16 as `load_pipeline(..., dtype="bf16")` / `parti sample --dtype bf16` sample (KV cache
+    in bf16 too, logits fp32)."""
+    samplers = {"ours": gen}
+    if bf16:
+        samplers["ours, dtype bf16"] = as_sampling_dtype(copy.deepcopy(gen), torch.bfloat16).eval()
     return samplers
 
 
@@ -178,21 +160,21 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
     c = gen.config
     gen.eval()
     probe, probe_flops = peak_probe
-    samplers = our_samplers(gen, args.what_if)
+    samplers = our_samplers(gen, args.bf16)
+    probe16, probe16_flops = common.matmul_probe(dtype=torch.bfloat16)
     rows = []
     for b in args.sample_batches:
         states, mask = text_inputs(b, c.text_dim, seed=10 + b)
         for scale in (3.0, 1.0):
             params = SamplingParams(guidance_scale=scale, temperature=1.0, top_k=TOP_K)
 
-            def run(model, select, states=states, mask=mask, params=params):
+            def run(model, states=states, mask=mask, params=params):
                 with torch.no_grad():
                     ctx, ctx_mask = model.encode_condition(states, mask)
-                with patched_select(select) if select is not None else contextlib.nullcontext():
-                    return generate(model, ctx, ctx_mask, params=params, generator=torch.Generator().manual_seed(0))
+                return generate(model, ctx, ctx_mask, params=params, generator=torch.Generator().manual_seed(0))
 
-            ours_fns = {name: (lambda m=m, f=f: run(m, f)) for name, (m, f) in samplers.items()}
-            fns = {**ours_fns, "matmul": probe}
+            ours_fns = {name: (lambda m=m: run(m)) for name, m in samplers.items()}
+            fns = {**ours_fns, "matmul": probe, **({"matmul bf16": probe16} if args.bf16 else {})}
             with_anchor = anchor_model is not None and b in (
                 args.anchor_sample_batches if scale == 3.0 else args.anchor_scale1_batches)
             if with_anchor:
@@ -211,7 +193,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
                 s = common.alternate(fns, repeats=args.anchor_repeats, warmup=0, log=common.log)
                 extra = max(args.sample_repeats - args.anchor_repeats, 0)
                 if extra:
-                    more = common.alternate({**ours_fns, "matmul": probe}, repeats=extra, warmup=0)
+                    more = common.alternate({k: f for k, f in fns.items() if k != "anchor"}, repeats=extra, warmup=0)
                     for k in more:
                         s[k].seconds += more[k].seconds
                         s[k].peak_mib += more[k].peak_mib
@@ -220,8 +202,10 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
             flops = common.generator_sample_flops(c, batch=b, text_len=TEXT_LEN, guided=scale != 1)
             peak = [probe_flops / t for t in s["matmul"].seconds]
 
+            peak16 = [probe16_flops / t for t in s["matmul bf16"].seconds] if args.bf16 else peak
+
             def share(key):
-                return [flops / t / p for t, p in zip(s[key].seconds, peak)]
+                return [flops / t / p for t, p in zip(s[key].seconds, peak16 if "bf16" in key else peak)]
 
             row = {"batch": b, "guidance_scale": scale, "ours": common.summary(s["ours"]),
                    "ours_images_per_s": b / s["ours"].median, "ours_flops": flops,
@@ -232,7 +216,9 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
                 row["anchor"] = common.summary(s["anchor"])
                 row["ratio_anchor_over_ours"] = common.paired_ratio(s["anchor"], s["ours"])
                 row["anchor_call"] = "generate() (always scale 3)" if scale == 3 else "its loop at scale 1"
-            row["what_if"] = {k: {**common.summary(s[k]), "share_of_peak": statistics.median(share(k)),
+            if args.bf16:
+                row["matmul_peak_bf16_gflops"] = statistics.median(peak16) / 1e9
+            row["variants"] = {k: {**common.summary(s[k]), "share_of_peak": statistics.median(share(k)),
                                   "ratio_anchor_over_it": common.paired_ratio(s["anchor"], s[k]) if with_anchor else None}
                               for k in ours_fns if k != "ours"}
             rows.append(row)
@@ -324,14 +310,17 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
         print(common.table(["batch", "guidance", "ours", "ours IQR", "img/s", "peak MiB", "of peak",
                             "anchor", "anchor MiB", "speed-up [IQR]"], rows,
                            title="Sampling all 256 tokens (ours: KV cache, top-k 819; anchor: full prefix per token)"))
-    what_if = [(r, k, v) for r in sample or [] for k, v in r.get("what_if", {}).items()]
-    if what_if:
+    variants = [(r, k, v) for r in sample or [] for k, v in r.get("variants", {}).items()]
+    if variants:
         print()
-        print(common.table(["batch", "guidance", "variant", "median", "of peak", "speed-up [IQR]"],
+        print(common.table(["batch", "guidance", "sampler", "median", "img/s", "peak MiB", "of bf16 peak",
+                            "speed-up [IQR]"],
                            [[str(r["batch"]), "on (3)" if r["guidance_scale"] != 1 else "off (1)", k,
-                             common.fmt_s(v["median_s"]), f"{100 * v['share_of_peak']:.0f}%",
-                             common.fmt_ratio(v["ratio_anchor_over_it"])] for r, k, v in what_if],
-                           title="What-if variants of our sampler (same rounds; fraction is of the fp32 matmul peak)"))
+                             common.fmt_s(v["median_s"]), f"{r['batch'] / v['median_s']:.2f}",
+                             "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}",
+                             f"{100 * v['share_of_peak']:.0f}%", common.fmt_ratio(v["ratio_anchor_over_it"])]
+                            for r, k, v in variants],
+                           title="bf16 sampling (same rounds; share of a bf16 matmul peak measured in them)"))
     if targets:
         print()
         print(common.table(["target", "measured", "needed", "met"],
@@ -356,8 +345,8 @@ def parse_args(argv=None):
     p.add_argument("--no-anchor", action="store_true")
     p.add_argument("--no-subnormal-check", dest="subnormal_check", action="store_false")
     p.add_argument("--parts", default="train,sample")
-    p.add_argument("--what-if", action="store_true",
-                   help="also sample with bf16 weights/cache and with top-k-only token selection (not parti's code)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="leave out the bf16 sampler (dtype bf16) that runs beside the fp32 one")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler tables: one training step and one guided sampling run at the largest batch")
     args = p.parse_args(argv)

@@ -197,10 +197,11 @@ def summary(s: Samples) -> dict:
 MATMUL_N = 2048
 
 
-def matmul_probe(n: int = MATMUL_N, inner: int = 8) -> tuple[Callable[[], None], float]:
-    """-> (fn, flops): fn runs `inner` fp32 n x n matmuls; time it and divide to get FLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.empty(n, n)
+def matmul_probe(n: int = MATMUL_N, inner: int = 8, dtype: torch.dtype = torch.float32
+                 ) -> tuple[Callable[[], None], float]:
+    """-> (fn, flops): fn runs `inner` n x n matmuls in `dtype`; time it and divide to get FLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    c = torch.empty(n, n, dtype=dtype)
 
     def fn():
         for _ in range(inner):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
 from parti.generator import build_generator
+from parti.pipeline import as_sampling_dtype
 from parti.sampling import SamplingParams, generate
 
 TEXT_LEN = 32
@@ -152,7 +153,7 @@ def main(argv=None):
     train_flops = 3 * common.generator_forward_flops(c, batch=args.batch, text_len=TEXT_LEN)
 
     # Sampling: a bf16 copy of the weights (KV cache in bf16), guidance rows batched with the prompts.
-    sampler = copy.deepcopy(gen).to(dtype).eval()
+    sampler = as_sampling_dtype(copy.deepcopy(gen), dtype).eval()  # as load_pipeline(dtype="auto") on a GPU
     if args.compile_sample:
         sampler.decode = torch.compile(sampler.decode, dynamic=True)
     s_states, s_mask = text_inputs(args.sample_batch, c.text_dim, device, seed=1)

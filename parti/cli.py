@@ -30,18 +30,27 @@ def _config(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def _main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (they set RANK), or a single process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cmd_train_tokenizer(args) -> None:
     from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
     out = train_tokenizer(_config(TokenizerTrainConfig, args))
-    print(f"tokenizer saved in {out} (load with parti.load_tokenizer({str(out)!r}))")
+    if _main_process():
+        print(f"tokenizer saved in {out} (load with parti.load_tokenizer({str(out)!r}))")
 
 
 def cmd_train(args) -> None:
     from parti.train_generator import GeneratorTrainConfig, train_generator
 
     out = train_generator(_config(GeneratorTrainConfig, args))
-    print(f"generator saved in {out}; sample with: parti sample --checkpoint {out} --prompt \"...\"")
+    if _main_process():
+        print(f"generator saved in {out}; sample with: parti sample --checkpoint {out} --prompt \"...\"")
 
 
 def cmd_encode(args) -> None:
@@ -51,7 +60,8 @@ def cmd_encode(args) -> None:
     encoder = None if args.text_encoder == "trainable" else text.load_t5(args.text_encoder, device=args.device or "cpu")
     out = encode_dataset(data=args.data, tokenizer=args.tokenizer, out=args.out, text_encoder=encoder,
                          batch_size=args.batch_size, device=args.device, synthetic_length=args.synthetic_length,
-                         holdout=args.holdout, num_workers=args.num_workers, image_column=args.image_column, caption_column=args.caption_column,
+                         holdout=args.holdout, num_workers=args.num_workers, image_column=args.image_column,
+                         caption_column=args.caption_column,
                          max_items=args.max_items)
     print(f"code cache written to {out}")
 
@@ -62,7 +72,8 @@ def cmd_sample(args) -> None:
 
     if not args.prompt:
         raise_error("no prompts given; pass --prompt \"...\" (repeatable)")
-    pipe = load_pipeline(args.checkpoint, device=args.device, text_encoder_path=args.text_encoder_path)
+    pipe = load_pipeline(args.checkpoint, device=args.device, text_encoder_path=args.text_encoder_path,
+                         dtype=args.dtype)
     result = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     sample_grid(result.images.cpu(), args.prompt, images_per_prompt=args.num_images, path=args.out)
@@ -83,7 +94,10 @@ def cmd_demo(args) -> None:
                                   holdout=args.holdout, guidance_scale=args.guidance_scale,
                                   progress=not args.no_progress))
     acc = summary["attribute_accuracy"]
-    print(f"demo finished in {summary['seconds']['total']:.0f} s ({summary['size']} configuration)")
+    sec = summary["seconds"]
+    print(f"demo finished ({summary['size']} configuration): tokenizer {sec['tokenizer']:.0f} s, generator "
+          f"{sec['generator']:.0f} s (times of the run that trained them), sampling and scoring "
+          f"{sec['sampling_and_scoring']:.0f} s")
     for prefix in ("attribute_accuracy", "holdout_attribute_accuracy"):
         for key in ("background_color", "hair_color", "overall"):
             if f"{prefix}.{key}" in acc:
@@ -174,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="generator weights while sampling (auto: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--out", default="images/samples.png")
     p.set_defaults(func=cmd_sample)
 

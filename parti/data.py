@@ -533,5 +533,6 @@ def make_loader(source: ImageSource, *, batch_size: int, shuffle: bool, seed: in
                           worker_init_fn=ignore_stop_signals,
                           collate_fn=collate)
     sampler = EpochSampler(len(source), shuffle=shuffle, seed=seed, flip_prob=flip_prob, epoch=epoch, start=start)
-    return DataLoader(source, batch_size=batch_size, sampler=sampler, drop_last=drop_last, worker_init_fn=ignore_stop_signals,
+    return DataLoader(source, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      worker_init_fn=ignore_stop_signals,
                       num_workers=num_workers, collate_fn=collate)

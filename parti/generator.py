@@ -171,7 +171,7 @@ class Generator(nn.Module):
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config
-        p = self.head.weight
+        p = next(self.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
         shape = (c.depth, 2, batch, c.heads, c.seq_len, c.dim // c.heads)
         return KVCache(torch.empty(shape, dtype=p.dtype, device=p.device))
 

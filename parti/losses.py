@@ -363,19 +363,31 @@ class TokenizerLoss(nn.Module):
 
     def generator_loss(self, real: torch.Tensor, fake: torch.Tensor, *, commit_loss: torch.Tensor, step: int,
                        last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss for the tokenizer's optimizer; `real`, `fake`: (B, 3, H, W) in [-1, 1]."""
+        """Loss for the tokenizer's optimizer; `real`, `fake`: (B, 3, H, W) in [-1, 1].
+
+        With the adaptive GAN weight in training, the terms are computed on a detached copy of `fake` and
+        their gradients taken there, once each: one backward through LPIPS's VGG and one through D, where
+        taming's form (autograd.grad of each term at the last layer, then total.backward()) takes two of
+        each. The last layer's share of each gradient follows by a backward through the last layer alone.
+        The returned tensor has the value of rec + commit + adversarial_weight * weight * adv and, as its
+        gradient with respect to `fake`, exactly that sum's (weight detached), so callers backpropagate it
+        as usual (tests/test_losses.py checks the gradients against the two-pass form).
+        """
         cfg = self.config
         if real.shape != fake.shape:
             raise PartiError(f"real and reconstructed images differ in shape: {tuple(real.shape)} vs {tuple(fake.shape)}")
         zero = fake.new_zeros((), dtype=torch.float32)
-        l2 = F.mse_loss(fake.float(), real.float())
-        l1 = F.l1_loss(fake.float(), real.float())
-        perceptual = self.lpips(real, fake).mean() if self.lpips is not None else zero
+        one_pass = (self.adversarial_on(step) and cfg.adaptive_weight and torch.is_grad_enabled()
+                    and fake.requires_grad and last_layer is not None)
+        image = fake.detach().requires_grad_(True) if one_pass else fake  # where the terms' gradients stop
+        l2 = F.mse_loss(image.float(), real.float())
+        l1 = F.l1_loss(image.float(), real.float())
+        perceptual = self.lpips(real, image).mean() if self.lpips is not None else zero
         rec = cfg.l2_weight * l2 + cfg.l1_weight * l1 + cfg.perceptual_weight * perceptual
         adv, weight = zero, zero
         if self.adversarial_on(step):
-            with _frozen(self.discriminator):  # gradients reach `fake` only, never D's parameters
-                adv = hinge_g_loss(self.discriminator(fake).float())
+            with _frozen(self.discriminator):  # gradients reach the image only, never D's parameters
+                adv = hinge_g_loss(self.discriminator(image).float())
             if not cfg.adaptive_weight:
                 weight = torch.ones_like(zero)
             elif not torch.is_grad_enabled():
@@ -383,9 +395,20 @@ class TokenizerLoss(nn.Module):
             elif last_layer is None:
                 raise PartiError("adaptive_weight=True needs last_layer (the decoder's output weight); "
                                  "pass it or set adaptive_weight=False")
-            else:
+            elif not one_pass:
                 weight = adaptive_weight(rec, adv, last_layer)
         total = rec + commit_loss.float() + cfg.adversarial_weight * weight * adv
+        if one_pass:
+            (g_rec,) = torch.autograd.grad(rec, image)  # (B, 3, H, W): one backward through VGG
+            (g_adv,) = torch.autograd.grad(adv, image)  # one backward through D
+            (w_rec,) = torch.autograd.grad(fake, last_layer, g_rec.to(fake.dtype), retain_graph=True)
+            (w_adv,) = torch.autograd.grad(fake, last_layer, g_adv.to(fake.dtype), retain_graph=True)
+            weight = (w_rec.float().norm() / (w_adv.float().norm() + 1e-4)).clamp(0.0, 1e4).detach()
+            grad = (g_rec + cfg.adversarial_weight * weight * g_adv).to(fake.dtype)
+            link = (fake * grad).sum()  # d link / d fake = grad
+            commit = commit_loss.float()
+            value = (rec + cfg.adversarial_weight * weight * adv).detach() + commit
+            total = value + (link - link.detach()).float()
         # One device->host copy for all logs instead of seven.
         values = torch.stack([l2, l1, perceptual, commit_loss.float(), adv, weight, total]).detach().tolist()
         return total, dict(zip(("l2", "l1", "perceptual", "commit", "adv", "adaptive_weight", "total"), values))

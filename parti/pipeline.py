@@ -66,12 +66,40 @@ def load_text_encoder_for(folder: Path, record: dict, *, device, text_encoder_pa
     return encoder
 
 
+SAMPLING_DTYPES = ("auto", "fp32", "bf16")
+
+
+def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on a CUDA device that has
+    it, else fp32. bf16 halves the bytes each decoding step reads (weights and cache), which bound
+    sampling at small batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
+    if name not in SAMPLING_DTYPES:
+        raise PartiError(f"dtype must be one of {', '.join(SAMPLING_DTYPES)}; got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def as_sampling_dtype(generator: Generator, dtype: torch.dtype) -> Generator:
+    """Cast the generator's blocks (so its KV cache) to `dtype`, keeping the output head fp32: logits are
+    computed in fp32 anyway, and an fp32 head spares a per-step cast of its (dim x codes) weight."""
+    generator = generator.to(dtype)
+    generator.head.float()
+    return generator
+
+
 def load_pipeline(folder: str | Path, *, device: str | torch.device | None = None,
-                  text_encoder_path: str | None = None) -> Pipeline:
-    """Everything needed to go from prompts to images, from a generator folder alone."""
+                  text_encoder_path: str | None = None, dtype: str = "auto") -> Pipeline:
+    """Everything needed to go from prompts to images, from a generator folder alone.
+
+    dtype: the generator's weights for sampling ("auto", "fp32", "bf16"; see `sampling_dtype`). Logits
+    are fp32 either way; the tokenizer and text encoder stay fp32.
+    """
     folder = Path(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights = sampling_dtype(dtype, device)
     generator, data = load_generator(folder, device=device)
+    generator = as_sampling_dtype(generator, weights)
     tokenizer = load_tokenizer(folder / "tokenizer", device=device)
     if tokenizer.fingerprint() != data.get("tokenizer_fingerprint"):
         raise PartiError(f"{folder}/tokenizer is not the tokenizer the generator was trained with "

@@ -35,22 +35,26 @@ class SamplingParams:
 
 
 def select_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, K) fp32 -> next tokens (B,). Top-k, then top-p (nucleus), then sample."""
+    """logits (B, K) -> next tokens (B,). Top-k (exactly k, ties broken by index), then top-p (nucleus),
+    then one draw per row by inverse CDF: one uniform number per row instead of torch.multinomial's K
+    exponentials, which were 7% of a batch-16 sampling run on CPU. Same distribution, another stream."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    logits = logits.float() / params.temperature
+    index = None  # vals[:, j] is token index[:, j] (None: token j)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, index = torch.topk(logits, params.top_k, dim=-1)  # sorted, descending
     if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        if index is None:
+            logits, index = torch.sort(logits, dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= params.top_p, float("-inf"))
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, K'), non-decreasing; flat over dropped tokens
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # The first position whose cdf exceeds u: a dropped token (zero mass) never exceeds its predecessor.
+    pick = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
+    return (pick if index is None else index.gather(-1, pick)).squeeze(-1)
 
 
 def _with_null(model: Generator, context: torch.Tensor, mask: torch.Tensor):

@@ -23,3 +23,6 @@ def test_demo_smoke_end_to_end_and_rerun(tmp_path, capsys):
     metrics = (out / "generator" / "metrics.jsonl").read_text()
     assert main(args) == 0
     assert (out / "generator" / "metrics.jsonl").read_text() == metrics
+    again = json.loads((out / "demo.json").read_text())["seconds"]  # training times carried over
+    assert again["tokenizer"] == summary["seconds"]["tokenizer"] > 0
+    assert again["generator"] == summary["seconds"]["generator"] > 0

@@ -108,6 +108,27 @@ def test_top_k_and_top_p_filtering():
     assert int(select_next(logits, SamplingParams(temperature=0), g)) == 0
 
 
+@pytest.mark.parametrize("params, keep", [
+    (SamplingParams(), [0, 1, 2, 3, 4, 5]),
+    (SamplingParams(temperature=0.5), [0, 1, 2, 3, 4, 5]),
+    (SamplingParams(top_k=3), [0, 1, 3]),
+    (SamplingParams(top_p=0.8), [0, 1, 3]),  # sorted masses 0.47, 0.26, 0.17 (+0.06): 0.73 < 0.8 <= 0.90
+    (SamplingParams(top_k=4, top_p=0.8), [0, 1, 3]),
+])
+def test_draws_follow_the_filtered_softmax(params, keep):
+    """Frequencies over 40,000 draws (a batch of 8,000 rows, 5 times) match the renormalised softmax of the
+    kept tokens within 4 binomial standard errors; dropped tokens never appear."""
+    logits = torch.tensor([2.0, 1.4, -0.5, 1.0, 0.0, -3.0])
+    want = torch.zeros(6)
+    want[keep] = (logits[keep] / max(params.temperature, 1e-6)).softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([select_next(logits.expand(8000, 6), params, g) for _ in range(5)])
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    assert set(draws.unique().tolist()) <= set(keep)
+    sigma = (want * (1 - want) / draws.numel()).sqrt()
+    assert torch.all((freq - want).abs() <= 4 * sigma + 1e-9), (freq, want)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"temperature": -1.0}, "temperature"), ({"guidance_scale": -1.0}, "guidance_scale")])

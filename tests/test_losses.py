@@ -225,6 +225,37 @@ def test_after_disc_start_disc_grads_come_only_from_discriminator_loss():
     assert set(d_logs) == {"d_loss", "logits_real", "logits_fake"}
 
 
+def test_one_pass_loss_matches_the_two_pass_form():
+    """generator_loss backpropagates through VGG and D once each; its value and the gradients it gives the
+    decoder (through the reconstruction and the commitment term) equal taming's two-pass form:
+    total = rec + commit + w * adv with w = adaptive_weight(rec, adv, last_layer), total.backward()."""
+    from parti.losses import hinge_g_loss
+
+    def run(one_pass: bool):
+        loss, decoder, real, fake = _tiny_setup()
+        commit = 0.01 * decoder.weight.pow(2).sum()
+        if one_pass:
+            total, logs = loss.generator_loss(real, fake, commit_loss=commit, step=5, last_layer=decoder.weight)
+        else:
+            cfg = loss.config
+            rec = (cfg.l2_weight * torch.nn.functional.mse_loss(fake, real)
+                   + cfg.l1_weight * torch.nn.functional.l1_loss(fake, real)
+                   + cfg.perceptual_weight * loss.lpips(real, fake).mean())
+            for q in loss.discriminator.parameters():
+                q.requires_grad_(False)
+            adv = hinge_g_loss(loss.discriminator(fake))
+            w = adaptive_weight(rec, adv, decoder.weight)
+            total, logs = rec + commit + cfg.adversarial_weight * w * adv, {"adaptive_weight": w.item()}
+        total.backward()
+        return total.item(), logs["adaptive_weight"], decoder.weight.grad.clone(), decoder.bias.grad.clone()
+
+    value, weight, g_w, g_b = run(True)
+    ref_value, ref_weight, ref_w, ref_b = run(False)
+    assert value == pytest.approx(ref_value, rel=1e-5) and weight == pytest.approx(ref_weight, rel=1e-4)
+    assert weight > 0
+    assert torch.allclose(g_w, ref_w, rtol=1e-4, atol=1e-7) and torch.allclose(g_b, ref_b, rtol=1e-4, atol=1e-7)
+
+
 def test_adaptive_weight_needs_last_layer_or_can_be_off():
     loss, decoder, real, fake = _tiny_setup()
     with pytest.raises(PartiError, match="last_layer"):

@@ -100,6 +100,32 @@ def test_pipeline_seeds_and_codes(runs):
         pipe([])
 
 
+def test_bf16_sampling_follows_fp32(runs):
+    """dtype="bf16": bf16 generator weights and KV cache, fp32 logits. Teacher-forced logits stay within
+    bf16 rounding of fp32's, and greedy codes mostly agree (exact ties aside, which bf16 may flip)."""
+    import parti
+    from parti.pipeline import sampling_dtype
+
+    fp32 = parti.load_pipeline(runs["gen"], device="cpu", dtype="fp32")
+    bf16 = parti.load_pipeline(runs["gen"], device="cpu", dtype="bf16")
+    assert {p.dtype for p in bf16.generator.layers.parameters()} == {torch.bfloat16}
+    assert bf16.generator.head.weight.dtype == torch.float32  # logits are fp32 either way
+    assert sampling_dtype("auto", torch.device("cpu")) == torch.float32
+    prompts = ["red hair", "blue background", "a hat", "green background"]
+    a = fp32(prompts, temperature=0, return_codes=True)
+    b = bf16(prompts, temperature=0, return_codes=True)
+    assert b.images.dtype == torch.float32 and torch.isfinite(b.images).all()
+    assert (a.codes == b.codes).float().mean() > 0.5
+    states, mask = fp32.text_encoder.encode(prompts)
+    codes = a.codes.flatten(1)
+    want = fp32.generator(codes, *fp32.generator.encode_condition(states, mask))
+    got = bf16.generator(codes, *bf16.generator.encode_condition(states, mask))
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    with pytest.raises(PartiError, match="dtype must be one of"):
+        parti.load_pipeline(runs["gen"], device="cpu", dtype="fp16")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--top-k", "0"], "top_k"), (["--top-p", "1.5"], "top_p"), (["--temperature", "-1"], "temperature")])
 def test_sample_cli_rejects_bad_values(runs, args, message, tmp_path):
