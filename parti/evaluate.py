@@ -338,7 +338,8 @@ def evaluate_generator(*, checkpoint: str | Path, data: str, num_images: int = 1
     if holdout and not data.startswith("synthetic"):
         raise PartiError("--holdout scores held-out combinations of the synthetic faces; use --data synthetic")
     t0 = time.time()
-    pipe = load_pipeline(checkpoint, device=_device(device), text_encoder_path=text_encoder_path)
+    # fp32 weights: validation loss and metrics must not depend on the device's sampling dtype.
+    pipe = load_pipeline(checkpoint, device=_device(device), text_encoder_path=text_encoder_path, dtype="fp32")
     dev, size = pipe.device, pipe.tokenizer.config.image_size
     source = open_source(data, split="val", image_size=size, seed=data_seed, image_column=image_column,
                          caption_column=caption_column)
