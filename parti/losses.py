@@ -219,7 +219,9 @@ class LPIPS(nn.Module):
 
 
 class _DownBlock(nn.Module):
-    """StyleGAN2 residual block: two 3x3 convs, 2x average-pool down, 1x1 skip, sum scaled by 1/sqrt(2)."""
+    """StyleGAN2 residual block: a 3x3 conv at the input resolution, a 2x average-pool, a 3x3 conv at the
+    output resolution (StyleGAN2 blurs and strides its second conv: the same down-then-convolve order, a
+    quarter of the cost of convolving at full size and pooling after), 1x1 skip, sum scaled by 1/sqrt(2)."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
@@ -230,7 +232,7 @@ class _DownBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, s, s) -> (B, C_out, s/2, s/2)
         h = F.leaky_relu(self.conv1(x), 0.2)
-        h = F.avg_pool2d(F.leaky_relu(self.conv2(h), 0.2), 2)
+        h = F.leaky_relu(self.conv2(F.avg_pool2d(h, 2)), 0.2)
         return (h + self.skip(F.avg_pool2d(x, 2))) * (1 / math.sqrt(2))
 
 

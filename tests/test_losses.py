@@ -183,6 +183,16 @@ def test_discriminator_size_at_128px():
         Discriminator(image_size=96)
 
 
+def test_discriminator_blocks_convolve_after_downsampling():
+    """Each block's second 3x3 conv runs at the output resolution (StyleGAN2's order), not at the input's."""
+    disc = Discriminator(image_size=32, channels=8)
+    seen = []
+    for block in disc.blocks:
+        block.conv2.register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape[-1], out.shape[-1])))
+    disc(_images(4, 3, 32, 32))
+    assert seen == [(16, 16), (8, 8), (4, 4)]
+
+
 def _tiny_setup(**overrides):
     config = LossConfig(disc_start=5, disc_channels=8, **overrides)
     loss = TokenizerLoss(config, image_size=32, pretrained_vgg=False)
