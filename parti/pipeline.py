@@ -58,7 +58,12 @@ def load_text_encoder_for(folder: Path, record: dict, *, device, text_encoder_pa
     from parti import text
 
     if record.get("kind") == "trainable":
-        return text.load_text_encoder(folder / "text_encoder", device=device).eval()
+        encoder = text.load_text_encoder(folder / "text_encoder", device=device).eval()
+        made = encoder.identity().get("fingerprint")
+        if record.get("fingerprint") not in (None, made):
+            raise PartiError(f"{folder}/text_encoder is not the text encoder the generator was trained with "
+                             f"({made} != {record.get('fingerprint')}); use the run's own text_encoder/ folder")
+        return encoder
     name = text_encoder_path or record.get("source") or record.get("name")
     encoder = text.load_t5(name, max_length=record.get("max_length", 128), device=device)
     if text_encoder_path is None and encoder.identity().get("fingerprint") != record.get("fingerprint"):

@@ -156,6 +156,24 @@ def test_generator_refuses_another_tokenizer(runs, tmp_path):
         load_pipeline(copy)
 
 
+def test_generator_refuses_another_trainable_text_encoder(runs, tmp_path):
+    """A text_encoder/ folder swapped for another one (same config, other weights) is refused on load."""
+    import shutil
+
+    from parti.pipeline import load_pipeline
+    from parti.text import load_text_encoder, save_text_encoder
+
+    copy = tmp_path / "gen"
+    shutil.copytree(runs["gen"], copy, ignore=shutil.ignore_patterns("cache", "checkpoints"))
+    load_pipeline(copy, device="cpu")  # its own encoder loads
+    encoder = load_text_encoder(copy / "text_encoder")
+    with torch.no_grad():
+        next(encoder.parameters()).add_(0.01)
+    save_text_encoder(encoder, copy / "text_encoder")
+    with pytest.raises(PartiError, match="not the text encoder the generator was trained with"):
+        load_pipeline(copy, device="cpu")
+
+
 def test_cache_refused_after_tokenizer_changes(runs, tmp_path):
     from parti.cache import CodeCache
     from parti.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
