@@ -22,7 +22,7 @@ from torch import nn
 
 from parti.checkpoint import check_folder, config_from_dict, load_state, save_model
 from parti.errors import PartiError
-from parti.layers import MLP, Attention, Block, init_weights
+from parti.layers import MLP, Attention, Block, Linear, init_weights, packed_for_rows
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ class DecoderLayer(nn.Module):
         t = x.shape[1]
         if cache is not None:
             # Write this step's keys/values into the pre-allocated buffers, attend over all so far.
-            cache[0][:, :, pos:pos + t] = k
-            cache[1][:, :, pos:pos + t] = v
-            k, v = cache[0][:, :, :pos + t], cache[1][:, :, :pos + t]
+            cache[0].narrow(2, pos, t).copy_(k)
+            cache[1].narrow(2, pos, t).copy_(v)
+            k, v = cache[0].narrow(2, 0, pos + t), cache[1].narrow(2, 0, pos + t)
         if t > 1 and pos != 0:
             raise ValueError("multi-token steps are only supported from position 0")
         x = x + self.self_attn.attend(h, k, v, causal=t > 1)
@@ -101,7 +101,7 @@ class Generator(nn.Module):
         self.null_context = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)  # Parti's extra final norm
-        self.head = nn.Linear(c.dim, c.num_codes, bias=False)
+        self.head = Linear(c.dim, c.num_codes, bias=False)
         init_weights(self)
         nn.init.trunc_normal_(self.null_context, std=0.02)
         # GPT-2: scale residual output projections by 1/sqrt(2 * depth).
@@ -141,7 +141,8 @@ class Generator(nn.Module):
 
     def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values, once per prompt: depth x two (B, H, L, d)."""
-        return [layer.cross_attn.project_kv(context) for layer in self.layers]
+        # Contiguous once here, so that decoding steps do not copy these strided views at every token.
+        return [tuple(t.contiguous() for t in layer.cross_attn.project_kv(context)) for layer in self.layers]
 
     # ---- the network ---------------------------------------------------------------------------
     def _embed(self, inputs: torch.Tensor, pos: int) -> torch.Tensor:
@@ -151,11 +152,17 @@ class Generator(nn.Module):
     def _run(self, inputs, ctx_kv, ctx_mask, *, cache: KVCache | None, pos: int) -> torch.Tensor:
         x = self._embed(inputs, pos)
         mask = ctx_mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+        if cache is not None and mask.dtype == torch.bool:
+            # Decoding: turn the mask into an additive one once per step, not once per layer inside SDPA.
+            k = ctx_kv[0][0]
+            mask = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill_(~mask, torch.finfo(k.dtype).min)
         for i, (layer, (k, v)) in enumerate(zip(self.layers, ctx_kv)):
             x = layer(x, k, v, mask, cache=None if cache is None else cache.layer(i), pos=pos)
         x = self.norm(x)
         # Logits in fp32 even under autocast: softmax over 8192 codes is sensitive to bf16 rounding.
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.head.weight.dtype == torch.float32:
+                return self.head(x.float())
             return F.linear(x.float(), self.head.weight.float())
 
     def forward(self, codes: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
@@ -169,11 +176,20 @@ class Generator(nn.Module):
         """Cached decoding: inputs (B, t) are the tokens at positions pos..pos+t-1 (BOS first)."""
         return self._run(inputs, ctx_kv, ctx_mask, cache=cache, pos=pos)
 
+    def packed_for_decoding(self, rows: int):
+        """Context manager: on CPU in fp32, the linear layers one decoding step runs (not the text side)
+        use weights packed for `rows` rows (`parti.layers.packed_for_rows`)."""
+        linears = [self.head]
+        for layer in self.layers:
+            linears += [layer.self_attn.q, layer.self_attn.kv, layer.self_attn.out, layer.cross_attn.q,
+                        layer.cross_attn.out, layer.mlp.fc1, layer.mlp.fc2]
+        return packed_for_rows(linears, rows)
+
     def new_cache(self, batch: int) -> KVCache:
         c = self.config
         p = next(self.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
         shape = (c.depth, 2, batch, c.heads, c.seq_len, c.dim // c.heads)
-        return KVCache(torch.empty(shape, dtype=p.dtype, device=p.device))
+        return KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device))
 
     def num_parameters(self) -> dict[str, int]:
         return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),

@@ -35,7 +35,7 @@ class SamplingParams:
 
 
 def select_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, K) -> next tokens (B,). Top-k (exactly k, ties broken by index), then top-p (nucleus),
+    """logits (B, K) -> next tokens (B,). Top-k (exactly k tokens), then top-p (nucleus),
     then one draw per row by inverse CDF: one uniform number per row instead of torch.multinomial's K
     exponentials, which were 7% of a batch-16 sampling run on CPU. Same distribution, another stream."""
     if params.temperature == 0:
@@ -43,10 +43,11 @@ def select_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     logits = logits.float() / params.temperature
     index = None  # vals[:, j] is token index[:, j] (None: token j)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
-        logits, index = torch.topk(logits, params.top_k, dim=-1)  # sorted, descending
+        # The draw below needs no order; top-p sorts what it keeps. Unsorted is 1.4x faster for 819 of 8192.
+        logits, index = torch.topk(logits, params.top_k, dim=-1, sorted=False)
     if params.top_p is not None and params.top_p < 1.0:
-        if index is None:
-            logits, index = torch.sort(logits, dim=-1, descending=True)
+        order = torch.sort(logits, dim=-1, descending=True)
+        logits, index = order.values, (order.indices if index is None else index.gather(-1, order.indices))
         probs = logits.softmax(dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= params.top_p, float("-inf"))
@@ -81,13 +82,14 @@ def generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor
     ctx_kv = model.context_kv(context)
     out = torch.empty(b, T, dtype=torch.long, device=context.device)
     token = torch.full((rows, 1), model.bos, dtype=torch.long, device=context.device)
-    for pos in range(T):
-        logits = model.decode(token, pos=pos, cache=cache, ctx_kv=ctx_kv, ctx_mask=context_mask)[:, -1]
-        if guided:
-            logits = _guide(logits, b, params.guidance_scale)
-        nxt = select_next(logits, params, generator)
-        out[:, pos] = nxt
-        token = (torch.cat([nxt, nxt]) if guided else nxt)[:, None]
+    with model.packed_for_decoding(rows):
+        for pos in range(T):
+            logits = model.decode(token, pos=pos, cache=cache, ctx_kv=ctx_kv, ctx_mask=context_mask)[:, -1]
+            if guided:
+                logits = _guide(logits, b, params.guidance_scale)
+            nxt = select_next(logits, params, generator)
+            out[:, pos] = nxt
+            token = (torch.cat([nxt, nxt]) if guided else nxt)[:, None]
     return out
 
 

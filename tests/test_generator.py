@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from parti.errors import PartiError
 from parti.generator import build_generator, load_generator, save_generator
+from parti.layers import MIN_PACKED_ROWS, Linear, mkl_packing_available, packed_for_rows
 from parti.sampling import SamplingParams, generate, generate_naive, select_next
 
 
@@ -38,6 +39,67 @@ def test_cached_sampling_equals_naive_with_same_rng(gen):
     a = generate(gen, ctx, mask, params=params, generator=torch.Generator().manual_seed(5))
     b = generate_naive(gen, ctx, mask, params=params, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packed GEMM")
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape", [(8, 64), (3, 1, 64), (8, 1, 64), (40, 64)])
+def test_packed_linear_matches_linear_for_any_rows(shape):
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    x = torch.randn(*shape)
+    want = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), packed_for_rows([layer], rows=8):
+        assert layer.packed is not None
+        got = layer(x)
+    assert layer.packed is None  # the packed copy is dropped on exit
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_packing_is_left_on_errors_and_skipped_with_autograd():
+    layer = Linear(16, 16)
+    with pytest.raises(KeyError), torch.no_grad(), packed_for_rows([layer], rows=4):
+        raise KeyError("boom")
+    assert layer.packed is None
+    x = torch.randn(4, 16, requires_grad=True)
+    with packed_for_rows([layer], rows=4):
+        layer(x).sum().backward()  # grad mode: the plain path, so gradients flow
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_packing_skips_other_dtypes_and_few_rows():
+    layer = Linear(16, 16).to(torch.bfloat16)
+    with packed_for_rows([layer], rows=4):
+        assert layer.packed is None
+    layer = Linear(16, 16)
+    with packed_for_rows([layer], rows=MIN_PACKED_ROWS - 1):  # weight-bound: packing would cost more
+        assert layer.packed is None
+
+
+def test_decoding_steps_match_teacher_forcing_with_and_without_packed_weights():
+    torch.manual_seed(0)
+    model = build_generator("tiny", grid_size=4).eval()
+    ctx, mask = condition(model, b=4)
+    codes = torch.randint(0, model.config.num_codes, (4, 3))
+    inputs = torch.cat([torch.full_like(codes[:, :1], model.bos), codes[:, :-1]], dim=1)
+    with torch.no_grad():
+        ctx_kv = model.context_kv(ctx)
+        want = model(codes, ctx, mask)  # teacher forcing through SDPA: no cache, no packing
+
+        def decode_all():
+            cache = model.new_cache(4)
+            return torch.cat([model.decode(inputs[:, p:p + 1], pos=p, cache=cache, ctx_kv=ctx_kv, ctx_mask=mask)
+                              for p in range(3)], dim=1)
+
+        plain = decode_all()
+        with model.packed_for_decoding(4):
+            assert model.head.packed is not None or not mkl_packing_available()
+            packed = decode_all()
+    torch.testing.assert_close(plain, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed, want, rtol=1e-4, atol=1e-4)
 
 
 def test_causality(gen):

@@ -46,7 +46,7 @@ def _images(*shape, seed=0):
 
 def _random_vgg_state(seed=1, *, with_classifier=False):
     torch.manual_seed(seed)
-    state = {k: torch.randn_like(v) for k, v in VGG16Features().state_dict().items()}
+    state = {k: torch.randn(v.shape) for k, v in VGG16Features().state_dict().items()}  # as torchvision saves them
     if with_classifier:  # a full torchvision vgg16 state dict also holds the classifier
         state["classifier.0.weight"] = torch.randn(8, 4)
     return state
