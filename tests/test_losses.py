@@ -89,6 +89,39 @@ def test_lpips_gradients_reach_input_and_stay_finite(lpips):
     assert all(p.grad is None for p in lpips.parameters())
 
 
+def test_lpips_split_pass_matches_the_joint_pass(lpips):
+    """Training takes the real side without a graph (VGG's backward over half the images); the distance
+    and the gradient must equal those of one VGG pass over both sides."""
+    real, fake = _images(3, 3, 32, 32, seed=3), _images(3, 3, 32, 32, seed=4)
+    grads = []
+    for x_grad, y_grad in ((False, True), (True, False), (True, True)):  # the last one: the joint pass
+        x, y = real.clone().requires_grad_(x_grad), fake.clone().requires_grad_(y_grad)
+        d = lpips(x, y)
+        (d * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        grads.append((d.detach(), x.grad, y.grad))
+    (d_split, _, gy_split), (d_split2, gx_split2, _), (d_joint, gx_joint, gy_joint) = grads
+    torch.testing.assert_close(d_split, d_joint, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_split2, d_joint, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gy_split, gy_joint, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gx_split2, gx_joint, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(lpips(real, fake), d_joint, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_weights_are_channels_last_and_save_contiguous(tmp_path):
+    from parti.checkpoint import read_tensors, write_tensors
+
+    d = Discriminator(image_size=32, channels=8)
+    w = d.blocks[0].conv1.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    write_tensors(tmp_path / "d.safetensors", d.state_dict())  # safetensors needs contiguous copies
+    fresh = Discriminator(image_size=32, channels=8)
+    fresh.load_state_dict(read_tensors(tmp_path / "d.safetensors"))
+    x = _images(4, 3, 32, 32, seed=5)
+    torch.testing.assert_close(fresh(x), d(x))
+    assert fresh.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_lpips_heads_are_torchmetrics_weights(lpips, parti_home):
     heads = [h.weight for h in lpips.heads]
     assert [tuple(w.shape) for w in heads] == [(1, 64, 1, 1), (1, 128, 1, 1), (1, 256, 1, 1), (1, 512, 1, 1),
