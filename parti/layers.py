@@ -20,7 +20,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
             weight, rows = self.packed
-            # Any number of rows is correct; `rows` only picks the kernel's blocking.
+            # Any number of rows is correct, but only `rows` rows use the packed copy: other counts run
+            # the plain GEMM on self.weight (so pack each layer for the rows it will see).
             return torch.ops.mkl._mkl_linear(x, weight, self.weight, self.bias, rows)
         return F.linear(x, self.weight, self.bias)
 

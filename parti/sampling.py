@@ -75,16 +75,18 @@ def generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor
     """context (B, L, dim), mask (B, L) from `model.encode_condition` -> codes (B, T) long."""
     b, T = context.shape[0], model.config.seq_len
     guided = params.guidance_scale != 1.0
-    if guided:
-        context, context_mask = _with_null(model, context, context_mask)
-    rows = context.shape[0]
+    # With guidance the null rows run below the conditional ones; their cross-attention output is a
+    # constant per layer (`Generator.null_cross_outputs`), so only the conditional rows attend to text.
+    rows = 2 * b if guided else b
+    null_outs = model.null_cross_outputs() if guided else None
     cache = model.new_cache(rows)
     ctx_kv = model.context_kv(context)
     out = torch.empty(b, T, dtype=torch.long, device=context.device)
     token = torch.full((rows, 1), model.bos, dtype=torch.long, device=context.device)
-    with model.packed_for_decoding(rows):
+    with model.packed_for_decoding(rows, context_rows=b):
         for pos in range(T):
-            logits = model.decode(token, pos=pos, cache=cache, ctx_kv=ctx_kv, ctx_mask=context_mask)[:, -1]
+            logits = model.decode(token, pos=pos, cache=cache, ctx_kv=ctx_kv, ctx_mask=context_mask,
+                                  null_outs=null_outs)[:, -1]
             if guided:
                 logits = _guide(logits, b, params.guidance_scale)
             nxt = select_next(logits, params, generator)

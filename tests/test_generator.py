@@ -1,5 +1,6 @@
 """Stage-2 model and sampling: KV cache vs naive, causality, guidance, seeds, save/load, overfitting."""
 
+import contextlib
 import json
 
 import pytest
@@ -100,6 +101,48 @@ def test_decoding_steps_match_teacher_forcing_with_and_without_packed_weights():
             packed = decode_all()
     torch.testing.assert_close(plain, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(packed, want, rtol=1e-4, atol=1e-4)
+
+
+def test_null_rows_cross_attention_output_is_the_constant_whatever_the_query(gen):
+    torch.manual_seed(0)
+    null_x, null_mask = gen.null_condition(4, 5)  # one unmasked key among five
+    with torch.no_grad():
+        outs = gen.null_cross_outputs()
+        for layer, want in zip(gen.layers, outs):
+            k, v = layer.cross_attn.project_kv(null_x)
+            x = torch.randn(4, 3, gen.config.dim) * 3
+            got = layer.cross_attn.attend(x, k, v, mask=null_mask[:, None, None, :])
+            torch.testing.assert_close(got, want.expand_as(got), rtol=1e-5, atol=1e-6)
+    assert len(outs) == gen.config.depth and outs[0].shape == (1, 1, gen.config.dim)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decoding_with_null_outputs_matches_null_rows_in_the_batch(packed):
+    torch.manual_seed(0)
+    model = build_generator("tiny", grid_size=4).eval()
+    b = 4
+    ctx, mask = condition(model, b=b)
+    null_x, null_mask = model.null_condition(b, ctx.shape[1])
+    codes = torch.randint(0, model.config.num_codes, (b, 5))
+    inputs = torch.cat([torch.full_like(codes[:, :1], model.bos), codes[:, :-1]], dim=1).repeat(2, 1)
+
+    def decode_all(ctx_kv, ctx_mask, null_outs):
+        cache = model.new_cache(2 * b)
+        return torch.cat([model.decode(inputs[:, p:p + 1], pos=p, cache=cache, ctx_kv=ctx_kv, ctx_mask=ctx_mask,
+                                       null_outs=null_outs) for p in range(5)], dim=1)
+
+    with torch.no_grad():
+        want = decode_all(model.context_kv(torch.cat([ctx, null_x])), torch.cat([mask, null_mask]), None)
+        with model.packed_for_decoding(2 * b, context_rows=b) if packed else contextlib.nullcontext():
+            if packed and mkl_packing_available():
+                assert model.layers[0].cross_attn.q.packed[1] == b and model.layers[0].mlp.fc1.packed[1] == 2 * b
+            got = decode_all(model.context_kv(ctx), mask, model.null_cross_outputs())
+    assert model.layers[0].cross_attn.q.packed is None  # freed on exit
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The conditional and null halves differ: the shortcut did not just copy one into the other.
+    assert (got[:b] - got[b:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="rows"):
+        model.decode(inputs[:, :1], pos=0, cache=model.new_cache(2 * b), ctx_kv=model.context_kv(ctx), ctx_mask=mask)
 
 
 def test_causality(gen):
