@@ -233,16 +233,18 @@ def generator_forward_flops(c, *, batch: int, text_len: int) -> float:
 
 
 def generator_sample_flops(c, *, batch: int, text_len: int, guided: bool) -> float:
-    """FLOPs of `parti.sampling.generate` for all T tokens (KV cache: one token per row per step),
-    plus encode_condition. Guidance doubles the rows."""
+    """FLOPs `parti.sampling.generate` performs for all T tokens (KV cache: one token per row per step),
+    plus encode_condition. Guidance doubles the rows for everything but cross-attention: the null rows'
+    cross-attention output is a constant per layer (`Generator.null_cross_outputs`), not counted here."""
     d, T, L, V = c.dim, c.seq_len, text_len, c.num_codes
     rows = 2 * batch if guided else batch
     hidden = int(c.dim * c.mlp_ratio)
-    per_token = c.depth * (6 * d * d + 2 * d * hidden) + d * V
-    attn = sum(c.depth * (2 * 2 * (p + 1) * d + 2 * 2 * L * d) for p in range(T))
+    every_row = c.depth * (4 * d * d + 2 * d * hidden) + d * V  # self-attention q/kv/out, MLP, head
+    self_attn = sum(c.depth * 2 * 2 * (p + 1) * d for p in range(T))
+    cross = 2.0 * T * c.depth * 2 * d * d + T * c.depth * 2 * 2 * L * d  # q/out and attention, per row
     cond = batch * 2.0 * L * (c.text_dim * d + c.text_layers * (4 * d * d + 2 * d * hidden))
-    ctx_kv = rows * 2.0 * L * c.depth * 2 * d * d
-    return rows * (2.0 * T * per_token + attn) + cond + ctx_kv
+    ctx_kv = batch * 2.0 * L * c.depth * 2 * d * d
+    return rows * (2.0 * T * every_row + self_attn) + batch * cross + cond + ctx_kv
 
 
 def counted_flops(fn: Callable[[], object]) -> float:
