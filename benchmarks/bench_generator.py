@@ -335,7 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer rounds; the anchor samples at batch 1, guided, only")
     p.add_argument("--repeats", type=int, default=None, help="training-step rounds (default 5, quick 3)")
     p.add_argument("--sample-repeats", type=int, default=None, help="our sampling rounds (default 3, quick 2)")
-    p.add_argument("--anchor-repeats", type=int, default=1, help="anchor sampling rounds (each is minutes)")
+    p.add_argument("--anchor-repeats", type=int, default=2,
+                   help="anchor sampling rounds (each is 10-75 s; 2 give the paired ratio a spread)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sample-batches", default=None, help="default 1,4,16 (quick 1,4)")
     p.add_argument("--anchor-sample-batches", default=None,
