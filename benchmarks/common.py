@@ -242,9 +242,11 @@ def generator_sample_flops(c, *, batch: int, text_len: int, guided: bool) -> flo
     every_row = c.depth * (4 * d * d + 2 * d * hidden) + d * V  # self-attention q/kv/out, MLP, head
     self_attn = sum(c.depth * 2 * 2 * (p + 1) * d for p in range(T))
     cross = 2.0 * T * c.depth * 2 * d * d + T * c.depth * 2 * 2 * L * d  # q/out and attention, per row
-    cond = batch * 2.0 * L * (c.text_dim * d + c.text_layers * (4 * d * d + 2 * d * hidden))
+    cond = batch * (2.0 * L * (c.text_dim * d + c.text_layers * (4 * d * d + 2 * d * hidden))
+                    + c.text_layers * 2 * 2 * L * L * d)
     ctx_kv = batch * 2.0 * L * c.depth * 2 * d * d
-    return rows * (2.0 * T * every_row + self_attn) + batch * cross + cond + ctx_kv
+    null = 2.0 * c.depth * 3 * d * d if guided else 0.0  # null_cross_outputs: one key/value and out-projection
+    return rows * (2.0 * T * every_row + self_attn) + batch * cross + cond + ctx_kv + null
 
 
 def counted_flops(fn: Callable[[], object]) -> float:
