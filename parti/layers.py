@@ -11,16 +11,20 @@ from torch import nn
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) that can run from a copy of its weight packed for MKL's
-    GEMM while `packed_for_rows` is active: decoding multiplies the same weights by a few rows 256 times,
-    and the packed kernel made fp32 sampling 1.15-1.2x faster at 8-32 rows on CPU (docs/benchmarks.md)."""
+    """nn.Linear (same parameters and state dict) that can run from a copy of its weight packed for the
+    CPU's GEMM while `packed_for_rows` is active: decoding multiplies the same weights by a few rows 256
+    times. fp32 weights use MKL's packed GEMM (fp32 sampling 1.15-1.2x faster at 8-32 rows), bf16 weights
+    oneDNN's (AMX where the CPU has it; without packing, bf16 products of a few rows ran at half the
+    bandwidth of fp32 ones). Figures in docs/benchmarks.md."""
 
-    packed: tuple[torch.Tensor, int] | None = None  # (packed weight, rows it was packed for)
+    packed: tuple[torch.Tensor, int, str] | None = None  # (packed weight, rows it was packed for, "mkl"/"onednn")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
-            weight, rows = self.packed
-            # Any number of rows is correct, but only `rows` rows use the packed copy: other counts run
+            weight, rows, kind = self.packed
+            if kind == "onednn":  # any number of rows runs on the packed copy
+                return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+            # Any number of rows is correct, but only `rows` rows use MKL's packed copy: other counts run
             # the plain GEMM on self.weight (so pack each layer for the rows it will see).
             return torch.ops.mkl._mkl_linear(x, weight, self.weight, self.bias, rows)
         return F.linear(x, self.weight, self.bias)
@@ -33,26 +37,45 @@ def mkl_packing_available() -> bool:
         return False
 
 
-# Below this many rows a decoding step is bound by reading the weights, and packing them (a copy per
-# call of `generate`) cost more than it saved: batch 1 with guidance (2 rows) ran 5% slower packed.
+def onednn_bf16_packing_available() -> bool:
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Below this many rows an fp32 decoding step is bound by reading the weights, and packing them (a copy
+# per call of `generate`) cost more than it saved: batch 1 with guidance (2 rows) ran 5% slower packed.
+# bf16 packs at any row count: there the packed product is the one that reads at full bandwidth.
 MIN_PACKED_ROWS = 4
+
+
+def _packing_kind(m: Linear, rows: int) -> str | None:
+    if m.weight.device.type != "cpu":
+        return None
+    if m.weight.dtype == torch.float32 and rows >= MIN_PACKED_ROWS and mkl_packing_available():
+        return "mkl"
+    if m.weight.dtype == torch.bfloat16 and onednn_bf16_packing_available():
+        return "onednn"
+    return None
 
 
 @contextmanager
 def packed_for_rows(linears: Iterable[Linear], rows: int) -> Iterator[None]:
-    """Inside the block, fp32 CPU `Linear`s without autograd multiply by weights packed for `rows` rows.
-    A no-op below MIN_PACKED_ROWS, where MKL is absent (e.g. ARM), on GPUs and for other dtypes. The
-    copies are freed on exit."""
-    chosen = [m for m in linears if m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if rows < MIN_PACKED_ROWS or not chosen or not mkl_packing_available():
-        yield
-        return
+    """Inside the block, CPU `Linear`s without autograd multiply by weights packed for `rows` rows: fp32
+    through MKL from MIN_PACKED_ROWS rows up, bf16 through oneDNN. A no-op where neither library is built
+    in (e.g. ARM), on GPUs and for other dtypes. The copies are freed on exit."""
+    chosen = [(m, kind) for m in linears if (kind := _packing_kind(m, rows)) is not None]
     try:
-        for m in chosen:
-            m.packed = torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows), rows
+        for m, kind in chosen:
+            w = m.weight.detach()
+            packed = (torch.ops.mkl._mkl_reorder_linear_weight(w, rows) if kind == "mkl"
+                      else torch.ops.mkldnn._reorder_linear_weight(w, rows))
+            m.packed = packed, rows, kind
         yield
     finally:
-        for m in chosen:
+        for m, _ in chosen:
             m.packed = None
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from parti.errors import PartiError
 from parti.generator import build_generator, load_generator, save_generator
-from parti.layers import MIN_PACKED_ROWS, Linear, mkl_packing_available, packed_for_rows
+from parti.layers import (MIN_PACKED_ROWS, Linear, mkl_packing_available, onednn_bf16_packing_available,
+                          packed_for_rows)
 from parti.sampling import SamplingParams, generate, generate_naive, select_next
 
 
@@ -71,13 +72,63 @@ def test_packing_is_left_on_errors_and_skipped_with_autograd():
     assert x.grad is not None and layer.weight.grad is not None
 
 
-def test_packing_skips_other_dtypes_and_few_rows():
-    layer = Linear(16, 16).to(torch.bfloat16)
+def test_packing_skips_other_dtypes_and_few_fp32_rows():
+    layer = Linear(16, 16).to(torch.float16)
     with packed_for_rows([layer], rows=4):
         assert layer.packed is None
     layer = Linear(16, 16)
     with packed_for_rows([layer], rows=MIN_PACKED_ROWS - 1):  # weight-bound: packing would cost more
         assert layer.packed is None
+
+
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_packing_available(), reason="no oneDNN bf16 packed GEMM")
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_bf16_packed_linear_matches_linear_for_any_rows(rows):
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(torch.bfloat16)
+    for shape in [(rows, 64), (rows, 1, 64), (rows + 5, 64)]:
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        want = F.linear(x, layer.weight, layer.bias)
+        with torch.no_grad(), packed_for_rows([layer], rows=rows):
+            assert layer.packed is not None and layer.packed[2] == "onednn"
+            got = layer(x)
+        assert layer.packed is None
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        # Both round to bf16 once from an fp32 accumulation: equal up to a bf16 step.
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
+    with packed_for_rows([layer], rows=rows):
+        layer(x).float().sum().backward()  # grad mode: the plain path, so gradients flow
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+@needs_onednn_bf16
+def test_bf16_sampler_packs_its_blocks_and_samples_like_the_unpacked_one(monkeypatch):
+    from parti import layers
+    from parti.pipeline import as_sampling_dtype
+
+    torch.manual_seed(0)
+    model = as_sampling_dtype(build_generator("tiny"), torch.bfloat16).eval()
+    ctx, mask = condition(model)
+    seen = []
+    real = layers.packed_for_rows
+
+    def spy(linears, rows):
+        linears = list(linears)
+        seen.extend(m.weight.dtype for m in linears)
+        return real(linears, rows)
+
+    monkeypatch.setattr("parti.generator.packed_for_rows", spy)
+    params = SamplingParams(temperature=0.0, guidance_scale=2.0)
+    packed = generate(model, ctx, mask, params=params)
+    assert torch.bfloat16 in seen
+    monkeypatch.setattr(layers, "onednn_bf16_packing_available", lambda: False)
+    plain = generate(model, ctx, mask, params=params)
+    # Greedy decoding through the same bf16 weights: the packed product must not change the argmax often.
+    assert (packed == plain).float().mean() > 0.9
 
 
 def test_decoding_steps_match_teacher_forcing_with_and_without_packed_weights():
