@@ -11,8 +11,8 @@ Classifier-free guidance: a learned null context replaces a row's text with prob
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,16 +206,14 @@ class Generator(nn.Module):
 
     @contextmanager
     def packed_for_decoding(self, rows: int, context_rows: int | None = None):
-        """Context manager: on CPU in fp32, the linear layers one decoding step runs (not the text side)
-        use weights packed for `rows` rows (`parti.layers.packed_for_rows`); the cross-attention ones for
+        """Context manager: on CPU, the linear layers one decoding step runs (not the text side) use weights
+        packed for `rows` rows (`parti.layers.packed_for_rows`); the cross-attention ones for
         `context_rows` (default `rows`; the conditional half when null rows skip cross-attention)."""
         linears, cross = [self.head], []
         for layer in self.layers:
             linears += [layer.self_attn.q, layer.self_attn.kv, layer.self_attn.out, layer.mlp.fc1, layer.mlp.fc2]
             cross += [layer.cross_attn.q, layer.cross_attn.out]
-        if context_rows is None or context_rows == rows:
-            linears, cross = linears + cross, []
-        with packed_for_rows(linears, rows), packed_for_rows(cross, context_rows or rows):
+        with packed_for_rows(linears, rows), packed_for_rows(cross, rows if context_rows is None else context_rows):
             yield
 
     def new_cache(self, batch: int) -> KVCache:

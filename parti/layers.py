@@ -51,22 +51,18 @@ def onednn_bf16_packing_available() -> bool:
 MIN_PACKED_ROWS = 4
 
 
-def _packing_kind(m: Linear, rows: int) -> str | None:
-    if m.weight.device.type != "cpu":
-        return None
-    if m.weight.dtype == torch.float32 and rows >= MIN_PACKED_ROWS and mkl_packing_available():
-        return "mkl"
-    if m.weight.dtype == torch.bfloat16 and onednn_bf16_packing_available():
-        return "onednn"
-    return None
-
-
 @contextmanager
 def packed_for_rows(linears: Iterable[Linear], rows: int) -> Iterator[None]:
     """Inside the block, CPU `Linear`s without autograd multiply by weights packed for `rows` rows: fp32
     through MKL from MIN_PACKED_ROWS rows up, bf16 through oneDNN. A no-op where neither library is built
     in (e.g. ARM), on GPUs and for other dtypes. The copies are freed on exit."""
-    chosen = [(m, kind) for m in linears if (kind := _packing_kind(m, rows)) is not None]
+    linears = [m for m in linears if m.weight.device.type == "cpu"]
+    kinds = {}
+    if linears and rows >= MIN_PACKED_ROWS and mkl_packing_available():
+        kinds[torch.float32] = "mkl"
+    if linears and onednn_bf16_packing_available():
+        kinds[torch.bfloat16] = "onednn"
+    chosen = [(m, kinds[m.weight.dtype]) for m in linears if m.weight.dtype in kinds]
     try:
         for m, kind in chosen:
             w = m.weight.detach()
