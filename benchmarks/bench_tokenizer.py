@@ -25,6 +25,7 @@ import torch
 import common  # noqa: I001 - puts the repository on sys.path
 from parti.losses import LossConfig, TokenizerLoss
 from parti.tokenizer import build_tokenizer
+from parti.trainer import make_adamw
 
 ANCHOR_DISCR_DIMS = (64, 128, 256, 256, 384)  # 6.1M parameters, its default depth (4 downsamples)
 
@@ -66,9 +67,10 @@ def anchor_train_step(vae, opt_g, opt_d, x):
 
 
 def stepper(tok, loss_fn, x):
-    """A no-argument training step of `tok` with `loss_fn`, its own AdamW pair and step counter."""
-    opt_g = torch.optim.AdamW(tok.parameters(), lr=1e-4)
-    opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=1e-4)
+    """A no-argument training step of `tok` with `loss_fn`, its own AdamW pair (the fused AdamW `parti
+    train-tokenizer` runs) and step counter."""
+    opt_g = make_adamw(tok.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.99))
+    opt_d = make_adamw(loss_fn.discriminator.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.99))
     step = [0]
 
     def fn():
@@ -173,6 +175,10 @@ def main(argv=None):
         a_opt_g = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad and p not in d_params], lr=1e-4)
         a_opt_d = torch.optim.AdamW(list(d_params), lr=1e-4)
         train["anchor"] = lambda: anchor_train_step(vae, a_opt_g, a_opt_d, x)
+        # The same fused AdamW as ours, to show the optimizer's part of the ratio.
+        f_opt_g = torch.optim.AdamW(a_opt_g.param_groups[0]["params"], lr=1e-4, fused=True)
+        f_opt_d = torch.optim.AdamW(list(d_params), lr=1e-4, fused=True)
+        train["anchor, fused AdamW"] = lambda: anchor_train_step(vae, f_opt_g, f_opt_d, x)
     if args.what_if:
         train.update(what_if_steps(tok, x))
     common.log(f"training step, batch {args.batch}: {args.repeats} alternating rounds")
@@ -196,6 +202,12 @@ def main(argv=None):
         ratios[name] = ratio
         rows.append([name, common.fmt_s(s[name].median), common.fmt_spread(s[name]), common.fmt_mib(s[name].peak),
                      "", "", "", common.fmt_ratio(ratio)])
+    if "anchor, fused AdamW" in results["train"]:
+        s = results["train"]
+        name = "anchor, fused AdamW"
+        ratios[name] = common.paired_ratio(s[name], s["ours"])
+        rows.append(["training step, anchor with fused AdamW", "", "", "", common.fmt_s(s[name].median),
+                     common.fmt_spread(s[name]), common.fmt_mib(s[name].peak), common.fmt_ratio(ratios[name])])
     print()
     print(common.table(["figure", "ours", "ours IQR", "ours MiB", "anchor", "anchor IQR", "anchor MiB",
                         "speed-up [IQR]"], rows,

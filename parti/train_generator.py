@@ -280,17 +280,19 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
             set_lr(opt, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
             with acc.autocast():
                 loss = model(codes, ids, mask, drop)
-            if guard.ok(loss, acc):
+            # No host read here: a non-finite loss makes fused AdamW and the EMA skip the step on the device.
+            if guard.step(loss, acc, opt):
                 opt.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 if ema is not None:
-                    ema.update(generator)
+                    ema.update(generator, skip=guard.bad)
             step += 1
             seen += codes.shape[0] * world
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                guard.report()
                 value = float(acc.reduce(loss.detach(), reduction="mean"))
                 row = {"loss": value, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                        "images_per_s": seen / (time.time() - t0), "nonfinite_steps": guard.total}
@@ -303,6 +305,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
                     metrics.log(step, split="val", **row)
             stopping = stop.should_stop(acc)
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                guard.report()  # a run of non-finite losses stops here, before the save
                 save(step, epoch, position)
                 acc.wait_for_everyone()
             if stopping:

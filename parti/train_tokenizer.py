@@ -216,7 +216,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                 res = model(images)
                 loss, logs = loss_fn.generator_loss(images, res.reconstruction.float(), commit_loss=res.commit_loss,
                                                     step=step, last_layer=raw.last_layer)
-            if guard.ok(loss, acc):
+            # No host read here: a non-finite loss makes fused AdamW skip the step on the device (the
+            # discriminator's too: it does not learn from a step the autoencoder skipped).
+            if guard.step(loss, acc, opt):
                 opt.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -225,7 +227,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                     set_lr(opt_d, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
                     with acc.autocast():
                         d_loss, d_logs = loss_fn.discriminator_loss(images, res.reconstruction.float(), step=step)
-                    if guard_d.ok(d_loss, acc):
+                    if guard_d.step(d_loss, acc, opt_d, skip_also=guard.bad):
                         opt_d.zero_grad(set_to_none=True)
                         acc.backward(d_loss)
                         average_gradients(acc, disc)
@@ -235,6 +237,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             seen += images.shape[0] * acc.num_processes
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                guard.report()
+                guard_d.report()
                 logs["psnr"] = float(psnr(res.reconstruction.detach().float().clamp(-1, 1), images).mean())
                 row = {**reduce_logs(acc, logs), **codebook_stats(acc, res.codes, raw.config.codebook_size),
                        "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
@@ -250,6 +254,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                     metrics.log(step, split="val", **row)
             stopping = stop.should_stop(acc)
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                guard.report()  # a run of non-finite losses stops here, before the save
+                guard_d.report()
                 save(step, epoch, position)
                 acc.wait_for_everyone()
             if stopping:

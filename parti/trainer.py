@@ -59,12 +59,25 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def make_adamw(params, *, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW with no decay on biases, norms and embeddings' 1-d params (nanoGPT's grouping)."""
+    """AdamW with no decay on biases, norms and embeddings' 1-d params (nanoGPT's grouping), fused where torch
+    supports it for these parameters (CPU and CUDA): one vectorised kernel per device and dtype instead of a
+    loop over tensors (the bench generator's step on CPU: 23 ms against 209 ms), and a step it can skip on
+    the device (`NonFiniteGuard`)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` (or the one accelerate wraps) takes a `found_inf` tensor and skips its step on
+    the device when it is 1: torch's fused Adam/AdamW do (it is how GradScaler skips them)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return bool(inner.param_groups) and all(g.get("fused") for g in inner.param_groups)
 
 
 # ---- training state <-> safetensors + JSON (nothing pickled) --------------------------------------
@@ -96,6 +109,13 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
     except (ValueError, KeyError) as e:
         raise PartiError(f"the checkpoint's optimizer state does not fit this model ({e}); resume with the same "
                          f"model settings, or choose another --out") from None
+    # Moments come back contiguous; give them their parameter's layout again (the discriminator's and VGG's
+    # weights are channels-last). Fused AdamW walks parameter, gradient and moments as flat memory, so a
+    # layout mismatch would pair the wrong elements.
+    for p, st in opt.state.items():
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def seed_everything(seed: int) -> None:
@@ -302,27 +322,55 @@ class StopRequest:
 class NonFiniteGuard:
     """Skip steps whose loss is NaN/inf; stop with a clear error after `limit` in a row.
 
+    `step(loss, acc, optimizer)` says whether to run the backward pass and the optimizer step. When the
+    optimizer can skip on the device (`skips_on_device`: fused AdamW, `make_adamw`'s default), it always
+    says yes and reads nothing back: the verdict becomes the optimizer's `found_inf` (a non-finite step
+    leaves weights, moments and step count as they were) and `self.bad` (for the EMA), and the counts stay
+    on the device until `report()` (log steps, saves, the end of a run). A GPU then never waits for the host
+    between steps. With another optimizer the verdict is read at once and a bad step is not run.
+
     With several processes the verdict is shared (one rank's NaN skips the step everywhere); ranks that
     disagreed on running the gradient all-reduce would hang.
     """
 
     def __init__(self, limit: int = 20, *, what: str = "loss"):
-        self.limit, self.what, self.in_row, self.total = limit, what, 0, 0
+        self.limit, self.what = limit, what
+        self.total = 0  # steps skipped, as of the last report
+        self.bad: torch.Tensor | None = None  # the last verdict: 0-d float, 1.0 = skipped
+        self._counts: torch.Tensor | None = None  # on the device: [in a row now, most in a row since report, total]
 
-    def ok(self, loss: torch.Tensor, acc=None) -> bool:
-        bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1)
+    def step(self, loss: torch.Tensor, acc=None, optimizer: torch.optim.Optimizer | None = None, *,
+             skip_also: torch.Tensor | None = None) -> bool:
+        """`skip_also`: another verdict that skips this optimizer's step too (not counted here)."""
+        bad = (~torch.isfinite(loss.detach().float())).any().float()
         if acc is not None and acc.num_processes > 1:
-            bad = acc.reduce(bad, reduction="sum")
-        if not bool(bad.item()):
-            self.in_row = 0
+            bad = acc.reduce(bad.reshape(1), reduction="sum").reshape(()).clamp(max=1.0)
+        own = bad if skip_also is None else bad * (1 - skip_also)
+        if self._counts is None:
+            self._counts = torch.zeros(3, device=bad.device)
+        in_row = (self._counts[0] + own) * own
+        self._counts = torch.stack([in_row, torch.maximum(self._counts[1], in_row), self._counts[2] + own])
+        self.bad = bad if skip_also is None else torch.maximum(bad, skip_also)
+        if optimizer is not None and skips_on_device(optimizer):
+            getattr(optimizer, "optimizer", optimizer).found_inf = self.bad
             return True
-        self.in_row += 1
-        self.total += 1
-        log.warning("non-finite %s: step skipped (%d in a row, %d in all)", self.what, self.in_row, self.total)
-        if self.in_row >= self.limit:
-            raise PartiError(f"the {self.what} was NaN/inf for {self.in_row} steps in a row; lower --lr, check the "
+        self.report()
+        return not bool(self.bad.item())
+
+    def report(self) -> None:
+        """Read the counts back (one host sync): warn about steps skipped since the last report, and raise
+        once `limit` came in a row."""
+        if self._counts is None:
+            return
+        in_row, most, total = (int(v) for v in self._counts.tolist())
+        if total > self.total:
+            log.warning("non-finite %s: %d step(s) skipped (%d in a row now, %d in all)", self.what,
+                        total - self.total, in_row, total)
+        self.total = total
+        if most >= self.limit:
+            raise PartiError(f"the {self.what} was NaN/inf for {most} steps in a row; lower --lr, check the "
                              f"data, or resume from an earlier checkpoint")
-        return False
+        self._counts = torch.stack([self._counts[0], self._counts[0], self._counts[2]])
 
 
 class EMA:
@@ -333,12 +381,23 @@ class EMA:
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
-            else:
+    def update(self, model: torch.nn.Module, *, skip: torch.Tensor | None = None) -> None:
+        """shadow += (1 - decay) * (weights - shadow), as a few multi-tensor ops; `skip` (a 0-d tensor,
+        1.0 for a step the optimizer skipped, `NonFiniteGuard.bad`) makes it a no-op without a host read."""
+        state = model.state_dict()
+        keys = [k for k, v in state.items() if v.dtype.is_floating_point]
+        for k, v in state.items():
+            if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
+        if not keys:
+            return
+        shadow = [self.shadow[k] for k in keys]
+        diff = torch._foreach_sub([state[k].detach() for k in keys], shadow)
+        if skip is None:
+            torch._foreach_mul_(diff, 1 - self.decay)
+        else:
+            torch._foreach_mul_(diff, (1 - skip.to(shadow[0].device)) * (1 - self.decay))
+        torch._foreach_add_(shadow, diff)
 
     def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         saved = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
