@@ -97,6 +97,20 @@ def subnormal_diagnostic(fns: dict, repeats: int) -> dict:
             for name in fns}
 
 
+def optimizer_steps(gen, repeats: int) -> dict:
+    """The optimizer step alone on a copy of our generator: the fused AdamW `parti train` runs against torch's
+    default AdamW (a loop over tensors on CPU), on the same gradients, alternated."""
+    model = copy.deepcopy(gen)
+    g = torch.Generator().manual_seed(4)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    fns = {"fused": make_adamw(model.parameters(), lr=1e-4, weight_decay=0.05).step,
+           "default": torch.optim.AdamW(model.parameters(), lr=1e-4).step}
+    s = common.alternate(fns, repeats=max(repeats, 5), warmup=1, memory=False)
+    return {"fused": common.summary(s["fused"]), "default": common.summary(s["default"]),
+            "ratio_default_over_fused": common.paired_ratio(s["default"], s["fused"])}
+
+
 def bench_train(args, gen, anchor_model, peak_probe) -> dict:
     c = gen.config
     b = args.batch
@@ -125,6 +139,8 @@ def bench_train(args, gen, anchor_model, peak_probe) -> dict:
     out = {"batch": b, "ours": common.summary(s["ours"]), "matmul_peak_gflops": statistics.median(peak) / 1e9,
            "ours_flops": flops, "ours_gflops": flops / s["ours"].median / 1e9,
            "ours_share_of_peak": statistics.median(share), "ours_share_of_peak_range": [min(share), max(share)]}
+
+    out["optimizer_step"] = optimizer_steps(gen, args.repeats)
 
     # Subnormal floats in the gradient of the logits (the anchor ties a N(0, 1) embedding to its head).
     def ours_logits():
@@ -295,6 +311,10 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
             print(f"speed-up (anchor time / ours, paired per round): {common.fmt_ratio(r)}; against the anchor with "
                   f"fused AdamW: {common.fmt_ratio(train['ratio_anchor_fused_adamw_over_ours'])}")
             targets.append(("training step >= 2x", r["median"], 2.0, r["median"] >= 2.0))
+        o = train["optimizer_step"]
+        print(f"optimizer step alone, ours ({params['ours'] / 1e6:.1f}M parameters): fused AdamW (what parti train "
+              f"runs) {common.fmt_s(o['fused']['median_s'])}, torch's default AdamW {common.fmt_s(o['default']['median_s'])}:"
+              f" {common.fmt_ratio(o['ratio_default_over_fused'])}")
         if "subnormal_check_1_thread" in train:
             for side, d in train["subnormal_check_1_thread"].items():
                 print(f"  1 thread, {side}: {common.fmt_s(d['plain_s'])} plain vs {common.fmt_s(d['ftz_s'])} with "

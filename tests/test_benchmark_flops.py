@@ -47,3 +47,27 @@ def test_generator_flop_formulas_match_the_counted_operations(counted, text_laye
 
         want = common.generator_sample_flops(c, batch=b, text_len=length, guided=scale != 1)
         assert counted(sample) == want, scale
+
+
+def test_decode_parts_benchmark_times_the_linears_a_guided_step_runs():
+    """benchmarks/bench_decode_parts.py times `decode_linears` as the linear work of sampling: the same
+    modules at the same row counts as one guided decoding step of `generate`."""
+    from bench_decode_parts import decode_linears
+
+    torch.manual_seed(0)
+    gen = build_generator("tiny").eval()
+    b = 3
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0].reshape(-1, m.in_features).shape[0])))
+             for m in gen.modules() if isinstance(m, layers.Linear)]
+    ctx, mask = gen.encode_condition(torch.randn(b, 4, gen.config.text_dim), torch.ones(b, 4, dtype=torch.bool))
+    seen.clear()  # the text side runs once per prompt, not per step
+    ctx_kv, null_outs = gen.context_kv(ctx), gen.null_cross_outputs()
+    seen.clear()
+    token = torch.full((2 * b, 1), gen.bos)
+    with torch.no_grad():
+        gen.decode(token, pos=0, cache=gen.new_cache(2 * b), ctx_kv=ctx_kv, ctx_mask=mask, null_outs=null_outs)
+    for h in hooks:
+        h.remove()
+    key = lambda pairs: sorted((id(m), rows) for m, rows in pairs)  # noqa: E731
+    assert key(seen) == key(decode_linears(gen, b))
