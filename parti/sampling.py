@@ -69,10 +69,19 @@ def _guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
-@torch.no_grad()
 def generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor, *,
              params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None) -> torch.Tensor:
     """context (B, L, dim), mask (B, L) from `model.encode_condition` -> codes (B, T) long."""
+    # inference_mode, not no_grad: no version counters or view tracking on the ~40 small ops of each of the
+    # 6 x 256 layer steps (guided sampling 1.07x faster at batch 1, 1.03x at 4 and 16 on CPU). The codes are
+    # copied out so that callers get an ordinary tensor they may modify in place.
+    with torch.inference_mode():
+        codes = _generate(model, context, context_mask, params, generator)
+    return codes.clone()
+
+
+def _generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor, params: SamplingParams,
+              generator: torch.Generator | None) -> torch.Tensor:
     b, T = context.shape[0], model.config.seq_len
     guided = params.guidance_scale != 1.0
     # With guidance the null rows run below the conditional ones; their cross-attention output is a

@@ -43,6 +43,16 @@ def test_cached_sampling_equals_naive_with_same_rng(gen):
     assert torch.equal(a, b)
 
 
+def test_sampled_codes_are_an_ordinary_tensor(gen):
+    """generate runs under inference_mode but hands back a tensor callers may edit and use with autograd on."""
+    ctx, mask = condition(gen)
+    codes = generate(gen, ctx, mask, params=SamplingParams(temperature=0.0))
+    assert not codes.is_inference() and not torch.is_inference_mode_enabled()
+    codes[:, 0] = 0  # raises on an inference tensor outside inference mode
+    emb = gen.token_emb(codes)  # and autograd can record an op on it
+    assert emb.requires_grad
+
+
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packed GEMM")
 
 
