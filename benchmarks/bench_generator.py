@@ -126,8 +126,9 @@ def bench_train(args, gen, anchor_model, peak_probe) -> dict:
         anchor_model.train()
         a_opt = torch.optim.AdamW(anchor_model.parameters(), lr=1e-4)
         fns["anchor"] = lambda: anchor_train_step(anchor_model, a_opt, codes, states, mask)
-        a_fused = torch.optim.AdamW(anchor_model.parameters(), lr=1e-4, fused=True)
-        fns["anchor, fused AdamW"] = lambda: anchor_train_step(anchor_model, a_fused, codes, states, mask)
+        anchor_copy = copy.deepcopy(anchor_model)  # its own weights: two optimizers must not share them
+        a_fused = torch.optim.AdamW(anchor_copy.parameters(), lr=1e-4, fused=True)
+        fns["anchor, fused AdamW"] = lambda: anchor_train_step(anchor_copy, a_fused, codes, states, mask)
     probe, probe_flops = peak_probe
     fns["matmul"] = probe
     common.log(f"training step, batch {b}: {args.repeats} alternating rounds")

@@ -175,10 +175,13 @@ def main(argv=None):
         a_opt_g = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad and p not in d_params], lr=1e-4)
         a_opt_d = torch.optim.AdamW(list(d_params), lr=1e-4)
         train["anchor"] = lambda: anchor_train_step(vae, a_opt_g, a_opt_d, x)
-        # The same fused AdamW as ours, to show the optimizer's part of the ratio.
-        f_opt_g = torch.optim.AdamW(a_opt_g.param_groups[0]["params"], lr=1e-4, fused=True)
-        f_opt_d = torch.optim.AdamW(list(d_params), lr=1e-4, fused=True)
-        train["anchor, fused AdamW"] = lambda: anchor_train_step(vae, f_opt_g, f_opt_d, x)
+        # The same fused AdamW as ours, on its own copy of the anchor, to show the optimizer's part of the ratio.
+        vae_f = copy.deepcopy(vae)
+        fd_params = set(vae_f.discr.parameters())
+        f_opt_g = torch.optim.AdamW([p for p in vae_f.parameters() if p.requires_grad and p not in fd_params],
+                                    lr=1e-4, fused=True)
+        f_opt_d = torch.optim.AdamW(list(fd_params), lr=1e-4, fused=True)
+        train["anchor, fused AdamW"] = lambda: anchor_train_step(vae_f, f_opt_g, f_opt_d, x)
     if args.what_if:
         train.update(what_if_steps(tok, x))
     common.log(f"training step, batch {args.batch}: {args.repeats} alternating rounds")

@@ -135,7 +135,7 @@ class Generator(nn.Module):
         for block in self.text_blocks:
             x = block(x, mask=attn_mask)
         x = self.text_norm(x)
-        if drop is not None and bool(drop.any()):
+        if drop is not None:  # no `drop.any()` test: a host read (a GPU sync) at every training step
             null_x, null_mask = self.null_condition(x.shape[0], x.shape[1])
             x = torch.where(drop[:, None, None], null_x, x)
             mask = torch.where(drop[:, None], null_mask, mask)

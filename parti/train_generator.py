@@ -110,8 +110,8 @@ def _text_inputs(batch, encoder, device):
     """Token ids for the trainable encoder, or cached frozen-T5 states, with their masks."""
     if encoder is not None:
         ids, mask = encoder.tokenizer(batch["caption"])
-        return ids.to(device), mask.to(device)
-    return batch["text"].to(device).float(), batch["text_mask"].to(device)
+        return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    return batch["text"].to(device, non_blocking=True).float(), batch["text_mask"].to(device, non_blocking=True)
 
 
 def _prepare_text_encoder(cfg, captions: list[str], device, state):
@@ -262,7 +262,8 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
         export()  # rewrite an export a kill may have torn, from the checkpoint
     guard, stop = NonFiniteGuard(), StopRequest()
     stream = batch_stream(train_set, collate_codes, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                          start=position, rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers)
+                          start=position, rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers,
+                          pin_memory=acc.device.type == "cuda")
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and acc.is_main_process), desc="generator")
     t0, seen, grad_norm = time.time(), 0, torch.tensor(float("nan"))
@@ -271,7 +272,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
         while step < cfg.steps:
             epoch, position, batch = next(stream)
             position += 1
-            codes = batch["codes"].to(acc.device)
+            codes = batch["codes"].to(acc.device, non_blocking=True)
             ids, mask = _text_inputs(batch, trainable, acc.device)
             # Condition dropout drawn for the global batch, this rank taking its slice: N processes at
             # batch B drop the same rows as one process at batch N*B.

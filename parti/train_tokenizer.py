@@ -199,7 +199,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     guard, guard_d, stop = NonFiniteGuard(), NonFiniteGuard(what="discriminator loss"), StopRequest()
     stream = batch_stream(train_src, data_mod.collate, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                           start=position, rank=acc.process_index, world=acc.num_processes,
-                          num_workers=cfg.num_workers, flip_prob=0.5 if cfg.flip else 0.0)
+                          num_workers=cfg.num_workers, flip_prob=0.5 if cfg.flip else 0.0,
+                          pin_memory=acc.device.type == "cuda")
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and acc.is_main_process), desc="tokenizer")
     t0, seen, grad_norm = time.time(), 0, torch.tensor(float("nan"))
@@ -210,7 +211,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             # Every image of a batch unreadable (each was warned about): skip it, on all ranks together.
             if total_over_ranks(acc, float(batch is None)) > 0:
                 continue
-            images = batch["image"].to(acc.device)
+            images = batch["image"].to(acc.device, non_blocking=True)
             set_lr(opt, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
             with acc.autocast():
                 res = model(images)

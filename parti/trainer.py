@@ -67,10 +67,19 @@ def make_adamw(params, *, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> 
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # torch checks devices and dtypes only at the first step: decide here, so an unsupported device (XLA,
+    # meta) gets the plain implementation instead of an error mid-run.
+    fused = bool(params) and all(p.device.type in _fused_devices() and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def _fused_devices() -> tuple[str, ...]:
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return tuple(_get_fused_kernels_supported_devices())
+    except (ImportError, AttributeError):  # a torch without the helper
+        return ("cpu", "cuda")
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -104,6 +113,10 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    # How the optimizer runs (fused, foreach) is this run's choice, not the checkpoint's: a checkpoint
+    # written before make_adamw turned fused on must not turn it off again.
+    impl = {k: opt.param_groups[0][k] for k in ("fused", "foreach", "capturable") if k in opt.param_groups[0]}
+    groups = [{**g, **impl} for g in groups]
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
@@ -351,7 +364,9 @@ class NonFiniteGuard:
         in_row = (self._counts[0] + own) * own
         self._counts = torch.stack([in_row, torch.maximum(self._counts[1], in_row), self._counts[2] + own])
         self.bad = bad if skip_also is None else torch.maximum(bad, skip_also)
-        if optimizer is not None and skips_on_device(optimizer):
+        # Under fp16 accelerate's GradScaler sets (and deletes) `found_inf` itself, from the gradients alone,
+        # and would halve its scale at every skipped step: there the verdict is read at once, as before.
+        if optimizer is not None and skips_on_device(optimizer) and getattr(acc, "scaler", None) is None:
             getattr(optimizer, "optimizer", optimizer).found_inf = self.bad
             return True
         self.report()
@@ -376,6 +391,8 @@ class NonFiniteGuard:
 class EMA:
     """Exponential moving average of a model's floating-point parameters and buffers."""
 
+    CHUNK = 1 << 24  # values updated per group of multi-tensor ops
+
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -389,15 +406,17 @@ class EMA:
         for k, v in state.items():
             if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
-        if not keys:
-            return
-        shadow = [self.shadow[k] for k in keys]
-        diff = torch._foreach_sub([state[k].detach() for k in keys], shadow)
-        if skip is None:
-            torch._foreach_mul_(diff, 1 - self.decay)
-        else:
-            torch._foreach_mul_(diff, (1 - skip.to(shadow[0].device)) * (1 - self.decay))
-        torch._foreach_add_(shadow, diff)
+        weight = None if skip is None else (1 - skip.to(self.shadow[keys[0]].device)) * (1 - self.decay)
+        # In chunks of about 16M values: the differences are a temporary copy of the weights they cover.
+        chunk: list[str] = []
+        for i, k in enumerate(keys):
+            chunk.append(k)
+            if i == len(keys) - 1 or sum(self.shadow[c].numel() for c in chunk) >= self.CHUNK:
+                shadow = [self.shadow[c] for c in chunk]
+                diff = torch._foreach_sub([state[c].detach() for c in chunk], shadow)
+                torch._foreach_mul_(diff, 1 - self.decay if weight is None else weight)
+                torch._foreach_add_(shadow, diff)
+                chunk = []
 
     def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         saved = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -524,9 +543,10 @@ def epoch_batches(n: int, *, batch_size: int, seed: int, epoch: int, rank: int =
 
 
 def batch_stream(dataset, collate, *, batch_size: int, seed: int, epoch: int, start: int, rank: int = 0,
-                 world: int = 1, num_workers: int = 0, flip_prob: float = 0.0):
+                 world: int = 1, num_workers: int = 0, flip_prob: float = 0.0, pin_memory: bool = False):
     """Yield (epoch, index_in_epoch, batch) forever, starting at batch `start` of `epoch`.
-    A batch is None when every item in it was unreadable (the caller skips it)."""
+    A batch is None when every item in it was unreadable (the caller skips it). `pin_memory` (for a GPU):
+    batches in page-locked memory, so `.to(device, non_blocking=True)` does not wait for the device."""
     from torch.utils.data import DataLoader
 
     from parti.data import ignore_stop_signals
@@ -538,7 +558,7 @@ def batch_stream(dataset, collate, *, batch_size: int, seed: int, epoch: int, st
         # otherwise, and a resumed run (a new iterator mid-epoch) would then shift the training RNG.
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate, num_workers=num_workers,
-                            generator=g, worker_init_fn=ignore_stop_signals)
+                            generator=g, worker_init_fn=ignore_stop_signals, pin_memory=pin_memory)
         for i, batch in enumerate(loader, start=start):
             yield epoch, i, batch
         epoch, start = epoch + 1, 0

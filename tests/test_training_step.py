@@ -166,3 +166,86 @@ def test_ema_update_is_the_moving_average():
     ema.update(model)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ema.shadow[k], start[k] + 0.25 * (v - start[k]))
+
+
+def test_under_fp16_loss_scaling_the_verdict_is_read_at_once():
+    """accelerate's GradScaler sets found_inf itself (from the gradients): the guard must not rely on it."""
+    class ScaledAccelerator:
+        num_processes, scaler = 1, object()
+
+    model = small_model()
+    opt = make_adamw(model.parameters(), lr=1e-2, weight_decay=0.05)
+    guard = NonFiniteGuard()
+    loss = model(torch.randn(2, 3, 6, 6)).sum()
+    assert guard.step(loss * float("nan"), ScaledAccelerator(), opt) is False and guard.total == 1
+    assert not hasattr(opt, "found_inf")
+    assert guard.step(loss, ScaledAccelerator(), opt) is True
+
+
+def test_a_checkpoint_from_the_per_tensor_optimizer_resumes_fused():
+    old_model, new_model = small_model(), small_model()
+    old = torch.optim.AdamW(old_model.parameters(), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    train(old_model, old, 3, seed=1)
+    tensors, meta = flatten_optimizer(old, "opt")
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as they come back from the file
+    assert all(g["fused"] is None for g in meta["param_groups"])
+    with torch.no_grad():
+        for p, q in zip(new_model.parameters(), old_model.parameters()):
+            p.copy_(q)
+    new = make_adamw(new_model.parameters(), lr=1e-2, weight_decay=0.0)
+    old_groups = [{**g, "params": list(range(len(g["params"])))} for g in meta["param_groups"]]
+    new.param_groups = new.param_groups[:1]  # one group, as the old optimizer had
+    new.param_groups[0]["params"] = list(new_model.parameters())
+    restore_optimizer(new, tensors, {**meta, "param_groups": old_groups}, "opt")
+    assert skips_on_device(new)
+    train(old_model, old, 3, seed=2)
+    train(new_model, new, 3, seed=2)
+    for a, b in zip(new_model.parameters(), old_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_make_adamw_is_not_fused_where_torch_has_no_fused_kernel():
+    params = [nn.Parameter(torch.empty(4, 4, device="meta"))]
+    assert not skips_on_device(make_adamw(params, lr=1e-3, weight_decay=0.0))
+
+
+def test_ema_in_chunks_equals_one_pass(monkeypatch):
+    model = small_model()
+    whole, chunked = EMA(model, 0.9), EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    whole.update(model)
+    monkeypatch.setattr(EMA, "CHUNK", 50)  # several chunks, some of one tensor
+    chunked.update(model, skip=torch.tensor(0.0))
+    for k in whole.shadow:
+        assert torch.equal(whole.shadow[k], chunked.shadow[k])
+
+
+def test_a_generator_training_step_reads_nothing_back(no_host_reads):
+    """The loop between log steps of `parti train` with cached text states (a frozen T5): condition dropout,
+    the generator, the guard, fused AdamW and the EMA, with no tensor read on the host (a GPU sync). (A
+    trainable text encoder adds one: transformers' T5 tests `padding_mask.all()` on the host to skip its mask.)"""
+    from parti.generator import build_generator
+    from parti.train_generator import Objective
+
+    torch.manual_seed(0)
+    gen = build_generator("tiny")
+    model = Objective(gen, None)
+    opt = make_adamw(model.parameters(), lr=1e-3, weight_decay=0.05)
+    ema, guard = EMA(gen, 0.99), NonFiniteGuard()
+    states, mask = torch.randn(2, 5, gen.config.text_dim), torch.ones(2, 5, dtype=torch.bool)
+    codes = torch.randint(0, gen.config.num_codes, (2, gen.config.seq_len))
+    start = [p.detach().clone() for p in gen.parameters()]
+    for _ in range(2):
+        with no_host_reads:
+            drop = torch.rand(2) < 0.5
+            loss = model(codes, states, mask, drop)
+            assert guard.step(loss, None, opt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 4.0)
+            opt.step()
+            ema.update(gen, skip=guard.bad)
+    guard.report()
+    assert guard.total == 0 and any(not torch.equal(a, p) for a, p in zip(start, gen.parameters()))
