@@ -30,11 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
+from bench_generator import TEXT_LEN, TOP_K, text_inputs
 from parti.generator import build_generator
 from parti.sampling import SamplingParams, generate
-
-TEXT_LEN = 32
-TOP_K = 819
 
 
 def decode_linears(gen, batch: int) -> list[tuple[torch.nn.Module, int]]:
@@ -103,9 +101,7 @@ def pieces(gen, batch: int) -> tuple[dict, dict]:
             for kv in ctx:
                 F.scaled_dot_product_attention(qc, kv[0], kv[1], attn_mask=mask)
 
-    g = torch.Generator().manual_seed(10 + batch)
-    states = torch.randn(batch, TEXT_LEN, c.text_dim, generator=g)
-    text_mask = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+    states, text_mask = text_inputs(batch, c.text_dim, seed=10 + batch)  # the sampling benchmark's prompts
     params = SamplingParams(guidance_scale=3.0, top_k=TOP_K)
 
     def whole():

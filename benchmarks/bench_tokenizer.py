@@ -66,6 +66,13 @@ def anchor_train_step(vae, opt_g, opt_d, x):
     opt_d.zero_grad(set_to_none=True)
 
 
+def anchor_optimizers(vae, **kwargs):
+    """The anchor trainer's pair: AdamW over the autoencoder's trainable parameters, and over its discriminator."""
+    d_params = set(vae.discr.parameters())
+    g_params = [p for p in vae.parameters() if p.requires_grad and p not in d_params]
+    return torch.optim.AdamW(g_params, lr=1e-4, **kwargs), torch.optim.AdamW(list(d_params), lr=1e-4, **kwargs)
+
+
 def stepper(tok, loss_fn, x):
     """A no-argument training step of `tok` with `loss_fn`, its own AdamW pair (the fused AdamW `parti
     train-tokenizer` runs) and step counter."""
@@ -171,16 +178,11 @@ def main(argv=None):
     train = {"ours": ours_step}
     if vae is not None:
         vae.train()
-        d_params = set(vae.discr.parameters())
-        a_opt_g = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad and p not in d_params], lr=1e-4)
-        a_opt_d = torch.optim.AdamW(list(d_params), lr=1e-4)
+        a_opt_g, a_opt_d = anchor_optimizers(vae)
         train["anchor"] = lambda: anchor_train_step(vae, a_opt_g, a_opt_d, x)
         # The same fused AdamW as ours, on its own copy of the anchor, to show the optimizer's part of the ratio.
         vae_f = copy.deepcopy(vae)
-        fd_params = set(vae_f.discr.parameters())
-        f_opt_g = torch.optim.AdamW([p for p in vae_f.parameters() if p.requires_grad and p not in fd_params],
-                                    lr=1e-4, fused=True)
-        f_opt_d = torch.optim.AdamW(list(fd_params), lr=1e-4, fused=True)
+        f_opt_g, f_opt_d = anchor_optimizers(vae_f, fused=True)
         train["anchor, fused AdamW"] = lambda: anchor_train_step(vae_f, f_opt_g, f_opt_d, x)
     if args.what_if:
         train.update(what_if_steps(tok, x))

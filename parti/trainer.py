@@ -61,7 +61,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def make_adamw(params, *, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW with no decay on biases, norms and embeddings' 1-d params (nanoGPT's grouping), fused where torch
     supports it for these parameters (CPU and CUDA): one vectorised kernel per device and dtype instead of a
-    loop over tensors (the bench generator's optimizer step on CPU: 30 ms against 92 ms, docs/benchmarks.md),
+    loop over tensors (the bench generator's optimizer step on CPU about 3x faster, docs/benchmarks.md),
     and a step it can skip on the device (`NonFiniteGuard`)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -406,17 +406,21 @@ class EMA:
         for k, v in state.items():
             if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
-        weight = None if skip is None else (1 - skip.to(self.shadow[keys[0]].device)) * (1 - self.decay)
-        # In chunks of about 16M values: the differences are a temporary copy of the weights they cover.
+        if not keys:
+            return
+        weight = 1 - self.decay if skip is None else (1 - skip.to(self.shadow[keys[0]].device)) * (1 - self.decay)
+        # In chunks of about CHUNK values: the differences are a temporary copy of the weights they cover.
         chunk: list[str] = []
+        size = 0
         for i, k in enumerate(keys):
             chunk.append(k)
-            if i == len(keys) - 1 or sum(self.shadow[c].numel() for c in chunk) >= self.CHUNK:
+            size += self.shadow[k].numel()
+            if i == len(keys) - 1 or size >= self.CHUNK:
                 shadow = [self.shadow[c] for c in chunk]
                 diff = torch._foreach_sub([state[c].detach() for c in chunk], shadow)
-                torch._foreach_mul_(diff, 1 - self.decay if weight is None else weight)
+                torch._foreach_mul_(diff, weight)
                 torch._foreach_add_(shadow, diff)
-                chunk = []
+                chunk, size = [], 0
 
     def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         saved = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
