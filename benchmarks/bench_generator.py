@@ -29,7 +29,7 @@ import common  # noqa: I001 - puts the repository on sys.path
 from parti.generator import build_generator
 from parti.pipeline import as_sampling_dtype
 from parti.sampling import SamplingParams, generate
-from parti.trainer import make_adamw
+from parti.optim import make_adamw
 
 TEXT_LEN = 32
 TOP_K = 819  # the anchor's top_k(filter_thres=0.9) keeps int(0.1 * 8192) = 819 logits

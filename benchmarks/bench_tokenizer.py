@@ -25,7 +25,7 @@ import torch
 import common  # noqa: I001 - puts the repository on sys.path
 from parti.losses import LossConfig, TokenizerLoss
 from parti.tokenizer import build_tokenizer
-from parti.trainer import make_adamw
+from parti.optim import make_adamw
 
 ANCHOR_DISCR_DIMS = (64, 128, 256, 256, 384)  # 6.1M parameters, its default depth (4 downsamples)
 

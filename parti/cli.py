@@ -11,23 +11,48 @@ import dataclasses
 import logging
 import sys
 
+from parti.settings import base_type, field_info, field_types
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls, *, positional: tuple[str, ...] = ()) -> None:
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other `parti: error:` (`--help` shows usage)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"parti: error: {message}; see `{self.prog} --help`\n")
+        sys.exit(2)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of dataclass `cls` (nested dataclass fields flattened), its help and default taken
+    from the field's `setting(...)` declaration; booleans that default on get a --no-NAME flag."""
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        kind, _ = base_type(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            add_config_flags(parser, kind)
+            continue
+        info, flag = field_info(cls, f.name), "--" + f.name.replace("_", "-")
+        text = info.get("help", "")
+        if kind is bool:
             if f.default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                    help=f"turn off {f.name} (default on)")
+                                    help=f"do not: {text} (default: on)" if text else "(default: on)")
             else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help="(default off)")
+                parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)".strip())
             continue
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default: {f.default!r})")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if info.get("required") else f" (default: {default})"
+        parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float) else str, default=default, choices=info.get("choices"),
+                            required=bool(info.get("required")), help=f"{text}{shown}")
 
 
-def _config(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def config_from_args(cls, args: argparse.Namespace):
+    """The dataclass `cls` built from parsed flags (nested dataclasses built from their own fields)."""
+    hints, values = field_types(cls), {}
+    for f in dataclasses.fields(cls):
+        kind, _ = base_type(hints[f.name])
+        values[f.name] = config_from_args(kind, args) if dataclasses.is_dataclass(kind) else getattr(args, f.name)
+    return cls(**values)
 
 
 def _main_process() -> bool:
@@ -40,15 +65,15 @@ def _main_process() -> bool:
 def cmd_train_tokenizer(args) -> None:
     from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    out = train_tokenizer(_config(TokenizerTrainConfig, args))
+    out = train_tokenizer(config_from_args(TokenizerTrainConfig, args))
     if _main_process():
         print(f"tokenizer saved in {out} (load with parti.load_tokenizer({str(out)!r}))")
 
 
-def cmd_train(args) -> None:
+def cmd_train_generator(args) -> None:
     from parti.train_generator import GeneratorTrainConfig, train_generator
 
-    out = train_generator(_config(GeneratorTrainConfig, args))
+    out = train_generator(config_from_args(GeneratorTrainConfig, args))
     if _main_process():
         print(f"generator saved in {out}; sample with: parti sample --checkpoint {out} --prompt \"...\"")
 
@@ -69,13 +94,14 @@ def cmd_encode(args) -> None:
 def cmd_sample(args) -> None:
     from parti.pipeline import load_pipeline
     from parti.plots import sample_grid
+    from parti.sampling import SamplingParams
 
     if not args.prompt:
         raise_error("no prompts given; pass --prompt \"...\" (repeatable)")
+    sampling = config_from_args(SamplingParams, args)
     pipe = load_pipeline(args.checkpoint, device=args.device, text_encoder_path=args.text_encoder_path,
                          dtype=args.dtype)
-    result = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    result = pipe(args.prompt, sampling, num_images_per_prompt=args.num_images, seed=args.seed)
     sample_grid(result.images.cpu(), args.prompt, images_per_prompt=args.num_images, path=args.out)
     print(f"wrote {args.out}")
 
@@ -90,9 +116,7 @@ def cmd_plot(args) -> None:
 def cmd_demo(args) -> None:
     from parti.demo import DemoConfig, run_demo
 
-    summary = run_demo(DemoConfig(out=args.out, images=args.images, size=args.size, seed=args.seed,
-                                  holdout=args.holdout, guidance_scale=args.guidance_scale,
-                                  progress=not args.no_progress))
+    summary = run_demo(config_from_args(DemoConfig, args))
     acc = summary["attribute_accuracy"]
     sec = summary["seconds"]
     print(f"demo finished ({summary['size']} configuration): tokenizer {sec['tokenizer']:.0f} s, generator "
@@ -109,11 +133,9 @@ def cmd_demo(args) -> None:
 def cmd_evaluate_tokenizer(args) -> None:
     from pathlib import Path
 
-    from parti.evaluate import evaluate_tokenizer, format_table, write_results
+    from parti.evaluate import TokenizerEvalConfig, evaluate_tokenizer, format_table, write_results
 
-    results = evaluate_tokenizer(checkpoint=args.checkpoint, data=args.data, num_images=args.num_images,
-                                 batch_size=args.batch_size, device=args.device, vgg_weights=args.vgg_weights,
-                                 inception=args.inception, allow_download=not args.no_download, seed=args.seed)
+    results = evaluate_tokenizer(config_from_args(TokenizerEvalConfig, args))
     out = write_results(args.out or Path(args.checkpoint) / "eval_tokenizer.json", results)
     print(format_table(results))
     print(f"wrote {out}")
@@ -122,17 +144,9 @@ def cmd_evaluate_tokenizer(args) -> None:
 def cmd_evaluate(args) -> None:
     from pathlib import Path
 
-    from parti.evaluate import evaluate_generator, format_table, write_results
-    from parti.prompts import eval_prompts
+    from parti.evaluate import GeneratorEvalConfig, evaluate_generator, format_table, write_results
 
-    results = evaluate_generator(checkpoint=args.checkpoint, data=args.data, num_images=args.num_images,
-                                 prompts=list(eval_prompts(args.data)) if args.fixed_prompts else None,
-                                 guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                                 inception=args.inception, clip=args.clip, allow_download=not args.no_download,
-                                 holdout=args.holdout, num_attribute_prompts=args.attribute_prompts,
-                                 phrasing=args.phrasing, data_seed=args.data_seed,
-                                 text_encoder_path=args.text_encoder_path)
+    results = evaluate_generator(config_from_args(GeneratorEvalConfig, args))
     out = write_results(args.out or Path(args.checkpoint) / "eval.json", results)
     print(format_table(results))
     print(f"wrote {out}")
@@ -144,109 +158,81 @@ def raise_error(message: str) -> None:
     raise PartiError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from parti.train_generator import GeneratorTrainConfig
-    from parti.train_tokenizer import TokenizerTrainConfig
-
-    parser = argparse.ArgumentParser(prog="parti", description="Parti text-to-image on faces.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train-tokenizer", help="train the ViT-VQGAN image tokenizer (stage 1)")
-    _add_config_flags(p, TokenizerTrainConfig)
-    p.set_defaults(func=cmd_train_tokenizer)
-
-    p = sub.add_parser("train", help="train the generator (stage 2) on a code cache or dataset")
-    _add_config_flags(p, GeneratorTrainConfig)
-    p.set_defaults(func=cmd_train)
-
+def _add_encode(sub) -> None:
     p = sub.add_parser("encode", help="run the frozen tokenizer (and T5) over a dataset once: the code cache")
     p.add_argument("--data", required=True, help="synthetic, a folder, hf:NAME or a dataset path")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder")
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--text-encoder", default="trainable",
                    help="trainable (cache captions only) or a frozen T5: t5-small|t5-base|t5-large|hub name|folder")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
-    p.add_argument("--synthetic-length", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
+    p.add_argument("--synthetic-length", type=int, default=20000, help="synthetic faces in the training split")
     p.add_argument("--holdout", action="store_true",
-                   help="synthetic: leave out the held-out (hair, background) pairs, as `parti train --holdout`")
+                   help="synthetic: leave out the held-out (hair, background) pairs, as `parti train-generator "
+                   "--holdout`")
     p.add_argument("--num-workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--image-column", default=None)
-    p.add_argument("--caption-column", default=None)
+    p.add_argument("--image-column", default=None, help="table data: the image column")
+    p.add_argument("--caption-column", default=None, help="table data: the caption column")
     p.add_argument("--max-items", type=int, default=None, help="encode at most this many items per split")
     p.set_defaults(func=cmd_encode)
+
+
+def _add_sample(sub) -> None:
+    from parti.sampling import SamplingParams
 
     p = sub.add_parser("sample", help="generate a grid of images for prompts from a generator folder")
     p.add_argument("--checkpoint", required=True, help="generator run folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt (default: 4)")
+    add_config_flags(p, SamplingParams)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="generator weights while sampling (auto: bf16 on GPUs that have it, else fp32)")
-    p.add_argument("--out", default="images/samples.png")
+                   help="generator weights while sampling (default auto: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--out", default="images/samples.png", help="the grid's image file (default: images/samples.png)")
     p.set_defaults(func=cmd_sample)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from parti.demo import DemoConfig
+    from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
+    from parti.train_generator import GeneratorTrainConfig
+    from parti.train_tokenizer import TokenizerTrainConfig
+
+    parser = Parser(prog="parti", description="Parti text-to-image on faces.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train the ViT-VQGAN image tokenizer (stage 1)")
+    add_config_flags(p, TokenizerTrainConfig)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("train-generator", aliases=["train"],
+                       help="train the generator (stage 2) on a code cache or dataset (`train` is an alias)")
+    add_config_flags(p, GeneratorTrainConfig)
+    p.set_defaults(func=cmd_train_generator)
+
+    _add_encode(sub)
+    _add_sample(sub)
+
     p = sub.add_parser("demo", help="the main job: train both stages on synthetic faces, sample, evaluate")
-    p.add_argument("--out", default="", help="run folders go here (default: checkpoints/demo, or "
-                   "checkpoints/demo_holdout with --holdout)")
-    p.add_argument("--images", default="images", help="pictures go here")
-    p.add_argument("--size", default="auto", choices=["auto", "cpu", "gpu", "smoke"], help="configuration (auto: by device)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", action="store_true",
-                   help="train without the held-out (hair, background) pairs and report their accuracy apart")
-    p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance of the grid and "
-                   "the accuracy prompts (default 2.0)")
-    p.add_argument("--no-progress", action="store_true")
+    add_config_flags(p, DemoConfig)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate-tokenizer", help="PSNR, SSIM, LPIPS, rFID and code usage on held-out images")
-    p.add_argument("--checkpoint", required=True, help="tokenizer folder (or a generator folder: its tokenizer/)")
-    p.add_argument("--data", required=True, help="synthetic, a folder, hf:NAME or a dataset path (val split used)")
-    p.add_argument("--num-images", type=int, default=1000, help="held-out images to reconstruct")
+    add_config_flags(p, TokenizerEvalConfig)
     p.add_argument("--out", default=None, help="JSON file (default CHECKPOINT/eval_tokenizer.json)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (vgg16-397923af.pth or .safetensors)")
-    p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (synthetic faces)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-download", action="store_true", help="never download metric weights")
     p.set_defaults(func=cmd_evaluate_tokenizer)
 
     p = sub.add_parser("evaluate", help="validation loss, FID, CLIP score and (synthetic) attribute accuracy")
-    p.add_argument("--checkpoint", required=True, help="generator run folder")
-    p.add_argument("--data", required=True, help="synthetic, a folder, hf:NAME or a dataset path (val split used)")
-    p.add_argument("--num-images", type=int, default=1000, help="held-out images (and generated images for FID)")
+    add_config_flags(p, GeneratorEvalConfig)
     p.add_argument("--out", default=None, help="JSON file (default CHECKPOINT/eval.json)")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--data-seed", type=int, default=0, help="dataset seed (synthetic faces)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--fixed-prompts", action="store_true",
-                   help="generate from the fixed evaluation prompt list instead of the held-out captions")
-    p.add_argument("--attribute-prompts", type=int, default=200, help="synthetic: attribute-accuracy prompts (0: skip)")
-    p.add_argument("--phrasing", default="describe", choices=["describe", "captions"],
-                   help="attribute prompts: one sentence naming every attribute, or the training captions' styles")
-    p.add_argument("--holdout", action="store_true",
-                   help="synthetic: also score prompts whose (hair, background) pair was held out of training")
-    p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--clip", default=None, help="CLIP hub name or local folder (default openai/clip-vit-base-patch32)")
-    p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-download", action="store_true", help="never download metric weights")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="draw a run's loss curves and latest grids")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run folder")
     p.add_argument("--out", default=None, help="folder for the pictures (default RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
     return parser

@@ -20,103 +20,101 @@ import torch
 
 from parti.checkpoint import write_json
 from parti.errors import PartiError
+from parti.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
-DEMO_PROMPTS = (
-    "a smiling person with long red hair and glasses on a blue background",
-    "a person with short black hair wearing a hat on a yellow background",
-    "a neutral person with long blonde hair on a green background",
-    "a smiling person with short white hair on a purple background",
-    "a person with long blue hair and glasses on a gray background",
-    "a neutral person with short brown hair wearing a hat on a red background",
-)
-
-
-@dataclass(frozen=True)
-class DemoSize:
-    tokenizer_preset: str
-    tokenizer_steps: int
-    tokenizer_batch: int
-    tokenizer_lr: float
-    generator_preset: str
-    text_preset: str
-    generator_steps: int
-    generator_batch: int
-    generator_lr: float
-    synthetic_length: int
-    text_tokenizer: str = "sentencepiece"
-    num_workers: int = 0  # data loader processes rendering faces (a GPU outruns one CPU core)
-
-
+# Each size: overrides of the two training configs (everything else is their defaults). Shared by both stages:
+# the synthetic faces, no perceptual or GAN loss (flat cartoon faces, nothing to download).
 DEMO_SIZES = {
-    # ~11 minutes on 2 CPU cores: 64 px faces, 8x8 codes from 512, a 4.5M-parameter generator.
-    "cpu": DemoSize("demo", 800, 32, 2e-3, "demo", "tiny", 1500, 32, 1e-3, 10000),
-    # One GPU: 128 px, 16x16 codes from 8192, a 34M-parameter generator (~5 minutes on an H100).
-    "gpu": DemoSize("base", 2000, 64, 1e-3, "bench", "small", 2000, 64, 5e-4, 20000, num_workers=6),
+    # 64 px faces, 8x8 codes from 512, a 4.5M-parameter generator: the CPU demo.
+    "cpu": {"tokenizer": dict(preset="demo", steps=800, batch_size=32, lr=2e-3),
+            "generator": dict(preset="demo", text_preset="tiny", steps=1500, batch_size=32, lr=1e-3),
+            "synthetic_length": 10000, "num_workers": 0},
+    # One GPU: 128 px, 16x16 codes from 8192, a 34M-parameter generator; loader processes render the faces.
+    "gpu": {"tokenizer": dict(preset="base", steps=2000, batch_size=64, lr=1e-3),
+            "generator": dict(preset="bench", text_preset="small", steps=2000, batch_size=64, lr=5e-4),
+            "synthetic_length": 20000, "num_workers": 6},
     # Seconds: the tests' end-to-end check of this command's wiring (not a useful model).
-    "smoke": DemoSize("tiny", 4, 8, 2e-3, "tiny", "tiny", 4, 8, 1e-3, 64, "bytes"),
+    "smoke": {"tokenizer": dict(preset="tiny", steps=4, batch_size=8, lr=2e-3),
+              "generator": dict(preset="tiny", text_preset="tiny", text_tokenizer="bytes", steps=4, batch_size=8,
+                                lr=1e-3),
+              "synthetic_length": 64, "num_workers": 0},
 }
 
 
 @dataclass
 class DemoConfig:
-    out: str = ""  # default: checkpoints/demo, or checkpoints/demo_holdout with holdout
-    images: str = "images"
-    size: str = "auto"  # auto | cpu | gpu
-    seed: int = 0
-    holdout: bool = False  # train without HOLDOUT_COMBINATIONS' pairs and score them apart
-    # Classifier-free guidance for the grid and the accuracy. Measured on a CPU demo generator (96
-    # prompts): background/hair accuracy 99%/99% at 1.5-2, 92%/91% at 3, 55%/66% at 5 with top-p 0.9
-    # (over-guidance lifts tail codes: speckled images).
-    guidance_scale: float = 2.0
-    eval_prompts: int = 48  # attribute-accuracy prompts (one image each)
-    progress: bool = True
+    out: str | None = setting(None, "run folders go here (default: checkpoints/demo, or checkpoints/demo_holdout "
+                              "with --holdout)")
+    images: str = setting("images", "pictures go here")
+    size: str = setting("auto", "configuration (auto: gpu with a GPU, else cpu)", choices=("auto", *DEMO_SIZES))
+    seed: int = setting(0, "seed of both stages and of sampling", minimum=0)
+    holdout: bool = setting(False, "train without the held-out (hair, background) pairs and report their "
+                            "accuracy apart")
+    # Measured on a CPU demo generator: higher scales over-guide (speckled faces), docs/results.md.
+    guidance_scale: float = setting(2.0, "classifier-free guidance of the grid and the accuracy prompts", minimum=0,
+                                    maximum=100)
+    eval_prompts: int = setting(48, "attribute-accuracy prompts (one image each)", minimum=1, maximum=100000)
+    progress: bool = setting(True, "show progress bars")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+def stage_configs(cfg: DemoConfig, size: str) -> tuple:
+    """The two training configs of a demo size: its overrides on the training configs' defaults."""
+    from parti.train_generator import GeneratorTrainConfig
+    from parti.train_tokenizer import TokenizerTrainConfig
+
+    s, out = DEMO_SIZES[size], demo_folder(cfg)
+    common = dict(data="synthetic", warmup_steps=50, synthetic_length=s["synthetic_length"], seed=cfg.seed,
+                  progress=cfg.progress, holdout=cfg.holdout, num_workers=s["num_workers"], resume=True)
+    tok, gen = s["tokenizer"], s["generator"]
+    tok_cfg = TokenizerTrainConfig(**common, **tok, out=str(out / "tokenizer"), perceptual_weight=0.0,
+                                   adversarial_weight=0.0, sample_every=max(1, tok["steps"] // 2),
+                                   save_every=max(1, tok["steps"] // 4))
+    gen_cfg = GeneratorTrainConfig(**common, **gen, tokenizer=str(out / "tokenizer"), out=str(out / "generator"),
+                                   vocab_size=300, sample_every=max(1, gen["steps"] // 2),
+                                   save_every=max(1, gen["steps"] // 4))
+    return tok_cfg, gen_cfg
+
+
+def demo_folder(cfg: DemoConfig) -> Path:
+    return Path(cfg.out or ("checkpoints/demo_holdout" if cfg.holdout else "checkpoints/demo"))
+
+
+def _train_stage(run_dir: Path, config, train, before: float | None) -> float:
+    """Train a stage unless it already finished; the seconds it took (or took the run that trained it)."""
+    _check_same_run(run_dir, dataclasses.asdict(config))
+    if _finished(run_dir, config.steps):
+        return before or 0.0
+    t0 = time.time()
+    train(config)
+    return time.time() - t0
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from parti.evaluate import attribute_accuracy
     from parti.pipeline import load_pipeline
     from parti.plots import reconstruction_grid, sample_grid
+    from parti.prompts import DEMO_PROMPTS
+    from parti.sampling import SamplingParams
     from parti.tokenizer import load_tokenizer
-    from parti.train_generator import GeneratorTrainConfig, train_generator
-    from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer, val_batch, open_split
+    from parti.train_generator import train_generator
+    from parti.train_tokenizer import open_split, train_tokenizer, val_batch
 
     size = cfg.size if cfg.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    if size not in DEMO_SIZES:
-        raise PartiError(f"--size must be auto, cpu, gpu or smoke; got {cfg.size!r}")
-    s = DEMO_SIZES[size]
     name = "demo_holdout" if cfg.holdout else "demo"
-    out, images = Path(cfg.out or f"checkpoints/{name}"), Path(cfg.images)
+    out, images = demo_folder(cfg), Path(cfg.images)
+    if out.exists() and not out.is_dir():
+        raise PartiError(f"--out {out} is a file; give a folder for the demo's runs")
     images.mkdir(parents=True, exist_ok=True)
     # A rerun skips finished stages; their training time is carried over from the previous summary.
     before = json.loads((out / "demo.json").read_text()).get("seconds", {}) if (out / "demo.json").is_file() else {}
-    t0 = time.time()
-    tok_cfg = TokenizerTrainConfig(data="synthetic", preset=s.tokenizer_preset, out=str(out / "tokenizer"),
-                                   steps=s.tokenizer_steps, batch_size=s.tokenizer_batch, lr=s.tokenizer_lr,
-                                   warmup_steps=50, perceptual_weight=0.0, adversarial_weight=0.0,
-                                   sample_every=max(1, s.tokenizer_steps // 2), save_every=max(1, s.tokenizer_steps // 4),
-                                   synthetic_length=s.synthetic_length, seed=cfg.seed, progress=cfg.progress,
-                                   holdout=cfg.holdout, num_workers=s.num_workers, resume=True)
-    _check_same_run(out / "tokenizer", dataclasses.asdict(tok_cfg))
-    trained = not _finished(out / "tokenizer", s.tokenizer_steps)
-    if trained:
-        train_tokenizer(tok_cfg)
-    t_tok = time.time() - t0 if trained else before.get("tokenizer", 0.0)
-    t1 = time.time()
-    gen_cfg = GeneratorTrainConfig(data="synthetic", tokenizer=str(out / "tokenizer"), preset=s.generator_preset,
-                                   out=str(out / "generator"), text_preset=s.text_preset, vocab_size=300,
-                                   text_tokenizer=s.text_tokenizer,
-                                   steps=s.generator_steps, batch_size=s.generator_batch, lr=s.generator_lr,
-                                   warmup_steps=50, sample_every=max(1, s.generator_steps // 2),
-                                   save_every=max(1, s.generator_steps // 4), synthetic_length=s.synthetic_length,
-                                   holdout=cfg.holdout, num_workers=s.num_workers,
-                                   seed=cfg.seed, progress=cfg.progress, resume=True)
-    _check_same_run(out / "generator", dataclasses.asdict(gen_cfg))
-    trained = not _finished(out / "generator", s.generator_steps)
-    if trained:
-        train_generator(gen_cfg)
-    t_gen = time.time() - t1 if trained else before.get("generator", 0.0)
+    tok_cfg, gen_cfg = stage_configs(cfg, size)
+    t_tok = _train_stage(out / "tokenizer", tok_cfg, train_tokenizer, before.get("tokenizer"))
+    t_gen = _train_stage(out / "generator", gen_cfg, train_generator, before.get("generator"))
     t2 = time.time()
 
     tokenizer = load_tokenizer(out / "tokenizer")
@@ -124,10 +122,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     reconstruction_grid(real, tokenizer.decode(tokenizer.encode(real)).clamp(-1, 1),
                         path=images / f"{name}_reconstructions.png")
     pipe = load_pipeline(out / "generator")
-    result = pipe(list(DEMO_PROMPTS), num_images_per_prompt=6, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    sampling = SamplingParams(guidance_scale=cfg.guidance_scale)
+    result = pipe(list(DEMO_PROMPTS), sampling, num_images_per_prompt=6, seed=cfg.seed)
     sample_grid(result.images.cpu(), list(DEMO_PROMPTS), images_per_prompt=6, path=images / f"{name}_samples.png")
-    accuracy = attribute_accuracy(pipe, num_prompts=cfg.eval_prompts, images_per_prompt=1, seed=cfg.seed,
-                                  holdout=cfg.holdout, guidance_scale=cfg.guidance_scale)
+    accuracy = attribute_accuracy(pipe, sampling, num_prompts=cfg.eval_prompts, images_per_prompt=1, seed=cfg.seed,
+                                  holdout=cfg.holdout)
     t_rest = time.time() - t2  # pictures, sampling and scoring (rerun every time)
     summary = {"size": size, "seconds": {"tokenizer": round(t_tok, 1), "generator": round(t_gen, 1),
                                          "sampling_and_scoring": round(t_rest, 1),
@@ -135,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "checkpoints": {"tokenizer": str(out / "tokenizer"), "generator": str(out / "generator")},
                "images": [str(images / f"{name}_samples.png"), str(images / f"{name}_reconstructions.png")],
                "attribute_accuracy": accuracy, "holdout": cfg.holdout,
-               "guidance_scale": cfg.guidance_scale, "sizes": dataclasses.asdict(s)}
+               "guidance_scale": cfg.guidance_scale, "sizes": DEMO_SIZES[size]}
     write_json(out / "demo.json", summary)
     return summary
 
@@ -157,7 +156,7 @@ def _check_same_run(run_dir: Path, config: dict) -> None:
 
 def _finished(run_dir: Path, steps: int) -> bool:
     """A stage whose exported model exists and whose newest checkpoint reached `steps` is skipped."""
-    from parti.trainer import Checkpoints
+    from parti.state import Checkpoints
 
     done = Checkpoints(run_dir).complete()
     if not done or not (run_dir / "config.json").exists():

@@ -14,30 +14,31 @@ The maths lives in `parti.metrics`, the FID network in `parti.inception`, LPIPS 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from parti import synthetic
 from parti.checkpoint import read_json, write_json
+from parti.device import default_device
 from parti.errors import PartiError
+from parti.plots import to_uint8
+from parti.sampling import SamplingParams
+from parti.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # ViT-B/32: the CLIP-score convention of most papers
 PHRASINGS = ("describe", "captions")
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _attempt(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
@@ -53,6 +54,47 @@ def _attempt(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
 def _check_count(name: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise PartiError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass
+class TokenizerEvalConfig:
+    """What `evaluate_tokenizer` scores: the first `num_images` readable images of `data`'s val split."""
+
+    checkpoint: str | None = setting(None, "tokenizer folder (or a generator folder: its tokenizer/)", required=True)
+    data: str | None = setting(None, "synthetic, a folder, hf:NAME or a dataset path (its val split)", required=True)
+    num_images: int = setting(1000, "held-out images to score", minimum=2, maximum=10**7)
+    batch_size: int = setting(32, "images per batch", minimum=1, maximum=1 << 16)
+    device: str | None = setting(None, "cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    inception: str | None = setting(None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: "
+                                    "the cache, else one download")
+    download: bool = setting(True, "download missing metric weights (off: those metrics read n/a)")
+    seed: int = setting(0, "dataset seed (the synthetic faces)", minimum=0)
+    image_column: str | None = setting(None, "table data: the image column")
+    caption_column: str | None = setting(None, "table data: the caption column")
+    vgg_weights: str | None = setting(None, "VGG16 weights for LPIPS (vgg16-397923af.pth or .safetensors)")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass
+class GeneratorEvalConfig(TokenizerEvalConfig):
+    """What `evaluate_generator` scores: validation loss on `num_images` held-out items, FID and CLIP score of
+    as many generated images, and on the synthetic faces attribute accuracy."""
+
+    checkpoint: str | None = setting(None, "generator run folder", required=True)
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    seed: int = setting(0, "sampling (and attribute-prompt) seed", minimum=0)
+    data_seed: int = setting(0, "dataset seed (the synthetic faces)", minimum=0)
+    fixed_prompts: bool = setting(False, "generate from parti.prompts' fixed evaluation list instead of the "
+                                  "held-out captions")
+    attribute_prompts: int = setting(200, "synthetic: attribute-accuracy prompts (0: skip)", minimum=0,
+                                     maximum=10**6)
+    phrasing: str = setting("describe", "attribute prompts: one sentence naming every attribute, or the training "
+                            "captions' styles", choices=PHRASINGS)
+    holdout: bool = setting(False, "synthetic: also score prompts whose (hair, background) pair was held out")
+    clip: str | None = setting(None, f"CLIP hub name or local folder (default {DEFAULT_CLIP})")
+    text_encoder_path: str | None = setting(None, "local copy of the frozen T5 the generator used")
 
 
 # ---- metric networks, loaded explicitly (nothing loads at import) --------------------------------
@@ -133,27 +175,24 @@ def _tokenizer_folder(checkpoint: str | Path) -> Path:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(*, checkpoint: str | Path, data: str, num_images: int = 1000, batch_size: int = 32,
-                       device: str | torch.device | None = None, vgg_weights: str | None = None,
-                       inception: Any = None, allow_download: bool = True, seed: int = 0,
-                       image_column: str | None = None, caption_column: str | None = None) -> dict[str, Any]:
-    """Reconstruct the first `num_images` held-out images and compare them with the originals.
+def evaluate_tokenizer(cfg: TokenizerEvalConfig, *, inception: Any = None) -> dict[str, Any]:
+    """Reconstruct the first `cfg.num_images` held-out images and compare them with the originals.
 
-    inception: a weights file, None (cache, then download) or a built feature extractor (tests).
-    seed: the dataset seed (the synthetic faces the tokenizer was trained with use --seed too).
+    inception: a built feature extractor (tests) instead of `cfg.inception`'s weights.
     """
     from parti.data import open_source
     from parti.metrics import codebook_stats, psnr, ssim
     from parti.tokenizer import load_tokenizer
 
-    _check_count("num_images", num_images, 2)
-    _check_count("batch_size", batch_size, 1)
-    t0, dev = time.time(), _device(device)
+    checkpoint, data, num_images, batch_size, seed = cfg.checkpoint, cfg.data, cfg.num_images, cfg.batch_size, cfg.seed
+    allow_download, inception = cfg.download, inception or cfg.inception
+    t0, dev = time.time(), default_device(cfg.device)
     tokenizer = load_tokenizer(_tokenizer_folder(checkpoint), device=dev)
     source = open_source(data, split="val", image_size=tokenizer.config.image_size, seed=seed,
-                         image_column=image_column, caption_column=caption_column)
+                         image_column=cfg.image_column, caption_column=cfg.caption_column)
     errors: dict[str, str] = {}
-    lpips = _attempt(errors, "lpips", lambda: _load_lpips(vgg_weights, allow_download=allow_download, device=dev))
+    lpips = _attempt(errors, "lpips", lambda: _load_lpips(cfg.vgg_weights, allow_download=allow_download,
+                                                           device=dev))
     inc = _attempt(errors, "rfid", lambda: _load_inception(inception, allow_download=allow_download, device=dev))
 
     scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
@@ -226,12 +265,6 @@ def _phrase(combos: list[dict], phrasing: str, seed: int) -> list[str]:
     return [synthetic.make_caption(a, rng) for a in combos]
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the images would be saved."""
-    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def score_attributes(images: torch.Tensor, prompts: Sequence[str], *, prefix: str = "attribute_accuracy"
                      ) -> dict[str, Any]:
     """Read each image's attributes and score those its prompt names (parse_prompt); one image per prompt.
@@ -264,9 +297,8 @@ def _chance(prompts: Sequence[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def attribute_accuracy(pipeline, *, num_prompts: int = 48, images_per_prompt: int = 1, seed: int = 0,
-                       holdout: bool = False, guidance_scale: float = 3.0, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, batch_size: int = 64,
+def attribute_accuracy(pipeline, sampling: SamplingParams = SamplingParams(), *, num_prompts: int = 48,
+                       images_per_prompt: int = 1, seed: int = 0, holdout: bool = False, batch_size: int = 64,
                        phrasing: str = "describe") -> dict[str, Any]:
     """How often generated faces show the attributes their prompt names, beside chance level.
 
@@ -283,8 +315,7 @@ def attribute_accuracy(pipeline, *, num_prompts: int = 48, images_per_prompt: in
         raise PartiError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
     seen = _phrase(attribute_prompts(num_prompts=num_prompts, seed=seed, holdout=holdout), phrasing, seed)
     held = _phrase(holdout_attribute_prompts(num_prompts=num_prompts, seed=seed), phrasing, seed) if holdout else []
-    out = pipeline(seen + held, num_images_per_prompt=images_per_prompt, guidance_scale=guidance_scale,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
+    out = pipeline(seen + held, sampling, num_images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size)
     rows = [p for p in seen + held for _ in range(images_per_prompt)]  # prompt-major, as the pipeline
     images = out.images
     if images.shape[0] != len(rows):
@@ -312,93 +343,97 @@ def _val_loss(pipe, batches: list[tuple[torch.Tensor, list[str]]]) -> tuple[floa
 
 
 @torch.no_grad()
-def evaluate_generator(*, checkpoint: str | Path, data: str, num_images: int = 1000,
-                       prompts: Sequence[str] | None = None, guidance_scale: float = 3.0, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 32,
-                       device: str | torch.device | None = None, inception: Any = None, clip: Any = None,
-                       allow_download: bool = True, holdout: bool = False, num_attribute_prompts: int = 200,
-                       phrasing: str = "describe", data_seed: int = 0, text_encoder_path: str | None = None,
-                       image_column: str | None = None, caption_column: str | None = None) -> dict[str, Any]:
-    """Score a generator folder against the first `num_images` held-out items of `data`.
+def evaluate_generator(cfg: GeneratorEvalConfig, *, prompts: Sequence[str] | None = None, inception: Any = None,
+                       clip: Any = None) -> dict[str, Any]:
+    """Score a generator folder against the first `cfg.num_images` held-out items of `cfg.data`.
 
     prompts: what FID/CLIP images are generated from, cycled to num_images; None: the held-out captions
-    (or `parti.prompts.eval_prompts(data)` when the data has none). inception/clip: a file/folder (or hub
-    name for CLIP), None for the defaults, or already built networks. On synthetic data attribute accuracy
-    runs too, on `num_attribute_prompts` prompts (0: skip); `holdout` adds the held-out combinations.
-    seed: sampling (and attribute-prompt) seed; data_seed: the dataset seed (synthetic faces).
+    (or `parti.prompts.eval_prompts(data)` when the data has none, or with `cfg.fixed_prompts`).
+    inception/clip: built networks (tests) instead of `cfg.inception`/`cfg.clip`.
     """
     from parti.data import open_source
-    from parti.metrics import clip_similarity, perplexity_from_loss
+    from parti.metrics import perplexity_from_loss
     from parti.pipeline import load_pipeline
     from parti.prompts import eval_prompts
 
-    _check_count("num_images", num_images, 2)
-    _check_count("batch_size", batch_size, 1)
-    _check_count("num_attribute_prompts", num_attribute_prompts, 0)
-    if holdout and not data.startswith("synthetic"):
+    if cfg.holdout and not cfg.data.startswith("synthetic"):
         raise PartiError("--holdout scores held-out combinations of the synthetic faces; use --data synthetic")
     t0 = time.time()
     # fp32 weights: validation loss and metrics must not depend on the device's sampling dtype.
-    pipe = load_pipeline(checkpoint, device=_device(device), text_encoder_path=text_encoder_path, dtype="fp32")
+    pipe = load_pipeline(cfg.checkpoint, device=default_device(cfg.device), text_encoder_path=cfg.text_encoder_path,
+                         dtype="fp32")
     dev, size = pipe.device, pipe.tokenizer.config.image_size
-    source = open_source(data, split="val", image_size=size, seed=data_seed, image_column=image_column,
-                         caption_column=caption_column)
+    source = open_source(cfg.data, split="val", image_size=size, seed=cfg.data_seed, image_column=cfg.image_column,
+                         caption_column=cfg.caption_column)
     errors: dict[str, str] = {}
-    inc = _attempt(errors, "fid", lambda: _load_inception(inception, allow_download=allow_download, device=dev))
-    clip_pair = _attempt(errors, "clip_score", lambda: _load_clip(clip, allow_download=allow_download, device=dev))
+    inc = _attempt(errors, "fid", lambda: _load_inception(inception or cfg.inception, allow_download=cfg.download,
+                                                           device=dev))
+    clip_pair = _attempt(errors, "clip_score", lambda: _load_clip(clip or cfg.clip, allow_download=cfg.download,
+                                                                  device=dev))
+    captions, real_feats, val_loss, val_tokens = _held_out_pass(pipe, source, cfg, inc)
+    results: dict[str, Any] = {"num_images": len(captions), "val_loss": val_loss,
+                               "val_perplexity": perplexity_from_loss(val_loss), "val_tokens": val_tokens,
+                               "fid": None, "clip_score": None}
+    prompt_source = "given"
+    if prompts is None and cfg.fixed_prompts:
+        prompts = list(eval_prompts(cfg.data))
+    if prompts is None:
+        prompt_source = "held-out captions" if all(captions) else "parti.prompts.eval_prompts"
+        prompts = captions if all(captions) else list(eval_prompts(cfg.data))
+    if not prompts:
+        raise PartiError("no prompts to generate from; pass prompts or use data with captions")
+    rows = [prompts[i % len(prompts)] for i in range(len(captions))]
+    results.update(_generated_pass(pipe, rows, cfg, inc, clip_pair, real_feats, errors))
+    if cfg.data.startswith("synthetic") and cfg.attribute_prompts > 0:
+        results.update(attribute_accuracy(pipe, cfg.sampling, num_prompts=cfg.attribute_prompts, images_per_prompt=1,
+                                          seed=cfg.seed, holdout=cfg.holdout, batch_size=cfg.batch_size,
+                                          phrasing=cfg.phrasing))
+    results["seconds"] = round(time.time() - t0, 1)
+    results["errors"] = errors
+    results["settings"] = {"checkpoint": str(cfg.checkpoint), "data": cfg.data, "split": "val", "seed": cfg.seed,
+                           "data_seed": cfg.data_seed, **dataclasses.asdict(cfg.sampling), "holdout": cfg.holdout,
+                           "phrasing": cfg.phrasing, "prompts": prompt_source, "image_size": size, "device": str(dev),
+                           "clip": "given" if isinstance(clip, tuple) else str(cfg.clip or DEFAULT_CLIP)}
+    return results
 
-    # One pass over the held-out split: codes for the validation loss, Inception features of the reals.
+
+def _held_out_pass(pipe, source, cfg: GeneratorEvalConfig, inc) -> tuple[list, list, float, int]:
+    """One pass over the held-out split: codes for the validation loss, Inception features of the reals.
+    Returns (captions, real features, validation loss in nats per code, codes scored)."""
     coded, real_feats, captions = [], [], []
-    for batch in _val_batches(source, num_images=num_images, batch_size=batch_size):
-        x = batch["image"].to(dev)
+    for batch in _val_batches(source, num_images=cfg.num_images, batch_size=cfg.batch_size):
+        x = batch["image"].to(pipe.device)
         caps = [c if c is not None else "" for c in batch["caption"]]  # as the code cache stores them
         coded.append((pipe.tokenizer.encode(x).flatten(1), caps))  # (B, T) codes
         captions.extend(batch["caption"])
         if inc is not None:
             real_feats.append(inc(x).double().cpu())
     if not coded:
-        raise PartiError(f"the val split of {data} holds no readable images; check the data source")
+        raise PartiError(f"the val split of {cfg.data} holds no readable images; check the data source")
     val_loss, val_tokens = _val_loss(pipe, coded)
-    results: dict[str, Any] = {"num_images": len(captions), "val_loss": val_loss,
-                               "val_perplexity": perplexity_from_loss(val_loss), "val_tokens": val_tokens,
-                               "fid": None, "clip_score": None}
+    return captions, real_feats, val_loss, val_tokens
 
-    # Generated images for FID and CLIP, a batch at a time: only features and similarities are kept.
-    prompt_source = "given"
-    if prompts is None:
-        prompt_source = "held-out captions" if all(captions) else "parti.prompts.eval_prompts"
-        prompts = captions if all(captions) else list(eval_prompts(data))
-    if not prompts:
-        raise PartiError("no prompts to generate from; pass prompts or use data with captions")
-    rows = [prompts[i % len(prompts)] for i in range(len(captions))]
-    fake_feats, sims = [], []
-    if inc is not None or clip_pair is not None:
-        for k, i in enumerate(range(0, len(rows), batch_size)):
-            chunk = rows[i:i + batch_size]
-            images = pipe(chunk, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed * 1_000_003 + k, batch_size=batch_size).images
-            if inc is not None:
-                fake_feats.append(inc(images).double().cpu())
-            if clip_pair is not None:
-                sims.append(clip_similarity(images, chunk, model=clip_pair[0], processor=clip_pair[1]))
+
+def _generated_pass(pipe, rows: list[str], cfg: GeneratorEvalConfig, inc, clip_pair, real_feats,
+                    errors: dict[str, str]) -> dict[str, Any]:
+    """Generated images for FID and CLIP, a batch at a time: only features and similarities are kept."""
+    from parti.metrics import clip_similarity
+
+    if inc is None and clip_pair is None:
+        return {"num_generated": 0}
+    fake_feats, sims, out = [], [], {"num_generated": len(rows)}
+    for k, i in enumerate(range(0, len(rows), cfg.batch_size)):
+        chunk = rows[i:i + cfg.batch_size]
+        images = pipe(chunk, cfg.sampling, seed=cfg.seed * 1_000_003 + k, batch_size=cfg.batch_size).images
         if inc is not None:
-            results["fid"] = _attempt(errors, "fid", lambda: _fid(real_feats, fake_feats))
+            fake_feats.append(inc(images).double().cpu())
         if clip_pair is not None:
-            results["clip_score"] = float(torch.cat(sims).mean())
-    results["num_generated"] = len(rows) if (inc is not None or clip_pair is not None) else 0
-
-    if data.startswith("synthetic") and num_attribute_prompts > 0:
-        results.update(attribute_accuracy(pipe, num_prompts=num_attribute_prompts, images_per_prompt=1, seed=seed,
-                                          holdout=holdout, guidance_scale=guidance_scale, temperature=temperature,
-                                          top_k=top_k, top_p=top_p, batch_size=batch_size, phrasing=phrasing))
-    results["seconds"] = round(time.time() - t0, 1)
-    results["errors"] = errors
-    results["settings"] = {"checkpoint": str(checkpoint), "data": data, "split": "val", "seed": seed,
-                           "data_seed": data_seed, "guidance_scale": guidance_scale, "temperature": temperature,
-                           "top_k": top_k, "top_p": top_p, "holdout": holdout, "phrasing": phrasing,
-                           "prompts": prompt_source, "image_size": size, "device": str(dev),
-                           "clip": "given" if isinstance(clip, tuple) else str(clip or DEFAULT_CLIP)}
-    return results
+            sims.append(clip_similarity(images, chunk, model=clip_pair[0], processor=clip_pair[1]))
+    if inc is not None:
+        out["fid"] = _attempt(errors, "fid", lambda: _fid(real_feats, fake_feats))
+    if clip_pair is not None:
+        out["clip_score"] = float(torch.cat(sims).mean())
+    return out
 
 
 # ---- output ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import nn
 
 from parti.checkpoint import parti_home, read_tensors, write_tensors
 from parti.errors import PartiError
+from parti.settings import check_settings, setting
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class VGG16Features(nn.Module):
                 c_in = item
         self.features = nn.Sequential(*layers)
         # channels-last (NHWC) convolutions: oneDNN's native layout on CPUs and the tensor cores' on GPUs;
-        # 1.1x faster forward + backward here than NCHW (benchmarks/bench_tokenizer.py).
+        # faster forward + backward than NCHW on CPU (measured in benchmarks/bench_tokenizer.py).
         self.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.train(False)
@@ -285,7 +286,7 @@ class Discriminator(nn.Module):
         self.conv_out = nn.Conv2d(c + extra, c, kernel_size=3, padding=1)
         self.fc = nn.Linear(c * 4 * 4, c)
         self.logit = nn.Linear(c, 1)
-        self.to(memory_format=torch.channels_last)  # NHWC convolutions: 1.3x faster on CPU here, as for VGG
+        self.to(memory_format=torch.channels_last)  # NHWC convolutions, as for VGG: oneDNN's native layout
 
     def _minibatch_stddev(self, x: torch.Tensor) -> torch.Tensor:
         # Lets D see sample diversity: std over contiguous groups of g images, averaged to one map.
@@ -347,21 +348,20 @@ def _frozen(module: nn.Module):
 class LossConfig:
     """Weights of the tokenizer loss terms. Parti/ViT-VQGAN use both L2 and L1 reconstruction terms."""
 
-    l2_weight: float = 1.0
-    l1_weight: float = 1.0
-    perceptual_weight: float = 0.1
-    adversarial_weight: float = 0.1
-    disc_start: int = 10000  # step at which the adversarial loss (and D training) switches on
-    disc_channels: int = 64
-    adaptive_weight: bool = True  # taming-style balancing of the GAN term; needs the decoder's last weight
-    vgg_weights: str | None = None  # local VGG16 weights; None uses the cache or downloads once
+    l2_weight: float = setting(1.0, "weight of the L2 reconstruction loss", minimum=0)
+    l1_weight: float = setting(1.0, "weight of the L1 reconstruction loss", minimum=0)
+    perceptual_weight: float = setting(0.1, "weight of LPIPS on VGG16 (needs its ImageNet weights); 0: off",
+                                       minimum=0)
+    adversarial_weight: float = setting(0.1, "weight of the hinge GAN loss from --disc-start; 0: off", minimum=0)
+    disc_start: int = setting(10000, "step at which the adversarial loss (and D training) switches on", minimum=0)
+    disc_channels: int = setting(64, "the discriminator's base width", minimum=1, maximum=4096)
+    adaptive_weight: bool = setting(True, "taming's balancing of the GAN term by the decoder's last-layer "
+                                    "gradients")
+    vgg_weights: str | None = setting(None, "local VGG16 weights file (.pth or .safetensors); default: the "
+                                      "cache, else one download")
 
     def __post_init__(self) -> None:
-        for name in ("l2_weight", "l1_weight", "perceptual_weight", "adversarial_weight"):
-            if getattr(self, name) < 0:
-                raise PartiError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.disc_start < 0:
-            raise PartiError(f"disc_start must be >= 0, got {self.disc_start}")
+        check_settings(self)
 
 
 class TokenizerLoss(nn.Module):

@@ -3,13 +3,13 @@
 The notebook's cells hold plain parameters and calls; the decisions live here, where they are tested:
 whether we run on Colab, where run folders go (local, or Google Drive so a disconnect loses nothing),
 which mixed precision the GPU gets, and the small mode CI uses. Setting PARTI_NOTEBOOK_SMALL=1 turns
-any configuration into a seconds-long one on the synthetic faces (tiny models, a few steps, no VGG
-or other download), written under PARTI_NOTEBOOK_OUT (default checkpoints/notebook_small).
+any run into a seconds-long one on the synthetic faces (tiny models, a few steps, no VGG or other
+download), written under PARTI_NOTEBOOK_OUT (default checkpoints/notebook_small). `configure` builds the
+training and evaluation configs from overrides of their own defaults: no setting is declared here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parti.errors import PartiError
+from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
+from parti.train_generator import GeneratorTrainConfig
+from parti.train_tokenizer import TokenizerTrainConfig
 
-SMALL_ENV = "PARTI_NOTEBOOK_SMALL"  # "1": resolve() returns the small CPU configuration
+SMALL_ENV = "PARTI_NOTEBOOK_SMALL"  # "1": configure() returns the small CPU run
 OUT_ENV = "PARTI_NOTEBOOK_OUT"  # small mode's output folder (tests point it at a temporary folder)
 DRIVE_MOUNT = "/content/drive"  # where Colab mounts Google Drive; run folders go under MyDrive/<drive_folder>
 DEFAULT_OUT = "checkpoints/notebook"
@@ -42,104 +45,74 @@ def small_mode() -> bool:
 
 
 @dataclass(frozen=True)
-class NotebookConfig:
-    """Everything the notebook's cells pass to training, sampling and evaluation, with Colab-sized defaults.
+class NotebookRun:
+    """What the notebook's cells train and evaluate: the four configs, built from overrides of their defaults."""
 
-    The defaults fit one Colab GPU (a T4 runs them in hours, an A100 in well under): the `base`
-    tokenizer (128 px, 16x16 codes from 8192) and the `bench` generator with a jointly trained text encoder.
-    """
-
-    data: str = "synthetic"  # stage 1: synthetic | a folder of images | hf:NAME | a .parquet file or folder
-    generator_data: str = ""  # stage 2 needs captions; empty: the same as `data`
-    out: str = DEFAULT_OUT  # run folders: OUT/tokenizer, OUT/generator
-    use_drive: bool = False  # Colab: put run folders on Google Drive, under MyDrive/<drive_folder>
-    drive_folder: str = "parti"
-    tokenizer_preset: str = "base"
-    tokenizer_steps: int = 20000
-    tokenizer_batch_size: int = 32
-    tokenizer_lr: float = 1e-3
-    perceptual_weight: float = 0.1  # needs VGG16 weights (downloaded once); 0 turns the loss off
-    adversarial_weight: float = 0.1
-    disc_start: int = 10000
-    generator_preset: str = "bench"
-    text_encoder: str = "trainable"  # trainable | t5-small | t5-base | t5-large
-    text_preset: str = "small"  # the trainable encoder's size
-    text_tokenizer: str = "sentencepiece"  # the trainable encoder's tokenizer: sentencepiece | bytes
-    generator_steps: int = 30000
-    generator_batch_size: int = 64
-    generator_lr: float = 5e-4
-    warmup_steps: int = 500
-    log_every: int = 10
-    sample_every: int = 1000  # sample grids (samples/step_*.png) and validation metrics
-    save_every: int = 500  # resumable checkpoints: a disconnect loses at most this many steps
-    synthetic_length: int = 20000
-    val_images: int = 64
-    eval_images: int = 1000  # evaluation: held-out images (reconstructions, FID, CLIP score)
-    eval_prompts: int = 200  # evaluation: attribute-accuracy prompts on synthetic data
-    num_workers: int = 2
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    seed: int = 0
-    small: bool = False  # set by resolve() in small mode
-
-    def __post_init__(self):
-        from parti.generator import GENERATOR_PRESETS
-        from parti.tokenizer import TOKENIZER_PRESETS
-
-        if self.tokenizer_preset not in TOKENIZER_PRESETS:
-            raise PartiError(f"unknown tokenizer preset {self.tokenizer_preset!r}; "
-                             f"choose one of {sorted(TOKENIZER_PRESETS)}")
-        if self.generator_preset not in GENERATOR_PRESETS:
-            raise PartiError(f"unknown generator preset {self.generator_preset!r}; "
-                             f"choose one of {sorted(GENERATOR_PRESETS)}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise PartiError(f"mixed_precision must be auto, no, bf16 or fp16; got {self.mixed_precision!r}")
+    tokenizer: TokenizerTrainConfig
+    generator: GeneratorTrainConfig
+    tokenizer_eval: TokenizerEvalConfig
+    generator_eval: GeneratorEvalConfig
+    small: bool = False  # small mode (PARTI_NOTEBOOK_SMALL=1)
 
     @property
     def tokenizer_dir(self) -> Path:
-        return Path(self.out) / "tokenizer"
+        return Path(self.tokenizer.out)
 
     @property
     def generator_dir(self) -> Path:
-        return Path(self.out) / "generator"
+        return Path(self.generator.out)
 
 
 # Small mode: tiny models on a few synthetic faces, a handful of steps, nothing downloaded (no VGG, no T5).
 # Each stage runs in seconds on two CPU cores; the notebook then exercises every cell as on a GPU.
-SMALL = dict(
-    data="synthetic", generator_data="synthetic", use_drive=False,
-    tokenizer_preset="tiny", tokenizer_steps=6, tokenizer_batch_size=4,
-    perceptual_weight=0.0, adversarial_weight=0.0,
-    generator_preset="tiny", text_encoder="trainable", text_preset="tiny", text_tokenizer="bytes",
-    generator_steps=6, generator_batch_size=4,
-    warmup_steps=2, log_every=2, sample_every=6, save_every=3,
-    synthetic_length=64, val_images=8, eval_images=8, eval_prompts=4, num_workers=0,
-)
+SMALL = {
+    "common": dict(data="synthetic", warmup_steps=2, log_every=2, sample_every=6, save_every=3, synthetic_length=64,
+                   num_workers=0, steps=6, batch_size=4),
+    "tokenizer": dict(preset="tiny", perceptual_weight=0.0, adversarial_weight=0.0, val_images=8),
+    "generator": dict(preset="tiny", text_encoder="trainable", text_preset="tiny", text_tokenizer="bytes"),
+    "eval": dict(num_images=8, attribute_prompts=4, download=False),
+}
 
 
-def resolve(cfg: NotebookConfig) -> NotebookConfig:
-    """The configuration a run uses: small mode applied, run folders placed, mixed precision chosen.
+def configure(*, out: str = DEFAULT_OUT, use_drive: bool = False, drive_folder: str = "parti",
+              tokenizer: dict | None = None, generator: dict | None = None, evaluation: dict | None = None,
+              **common) -> NotebookRun:
+    """The run the notebook's cells train: `common` settings (data, seed, save_every, ...) for both stages,
+    `tokenizer`/`generator` overrides of each stage's config (a field name each), `evaluation` overrides of
+    the evaluation configs (num_images, attribute_prompts, download).
 
-    Small mode replaces the sizes with SMALL and the output folder with $PARTI_NOTEBOOK_OUT (default
-    checkpoints/notebook_small). Otherwise, with `use_drive` on Colab, Drive is mounted and run folders
-    go to MyDrive/<drive_folder>; `use_drive` elsewhere is ignored with a warning.
+    Run folders go to OUT/tokenizer and OUT/generator; with `use_drive` on Colab, OUT is placed under the
+    mounted MyDrive/<drive_folder> (elsewhere it is ignored with a warning). Stage 2 reads `generator["data"]`
+    when given, else the common data. Small mode ($PARTI_NOTEBOOK_SMALL=1) replaces sizes with SMALL and OUT
+    with $PARTI_NOTEBOOK_OUT. Mixed precision "auto" is resolved here, so the cell prints what runs.
     """
     from parti.runs import choose_mixed_precision
 
-    changes: dict = {}
-    if small_mode():
-        changes.update(SMALL, small=True, out=os.environ.get(OUT_ENV) or SMALL_OUT)
-    elif cfg.use_drive:
-        if in_colab():
-            changes["out"] = str(mount_drive() / cfg.drive_folder)
-        else:
-            logging.getLogger(__name__).warning("use_drive is for Colab; writing run folders to %s", cfg.out)
-    if cfg.mixed_precision == "auto":
-        # By compute capability: bf16 on Ampere and newer, fp16 on a T4 (where bf16 is only emulated), fp32 on CPU.
-        changes["mixed_precision"] = choose_mixed_precision()
-    resolved = dataclasses.replace(cfg, **changes)
-    if not resolved.generator_data:
-        resolved = dataclasses.replace(resolved, generator_data=resolved.data)
-    return resolved
+    tok, gen, ev = dict(tokenizer or {}), dict(generator or {}), dict(evaluation or {})
+    small = small_mode()
+    if small:  # small mode's values win over every other, shared or per stage
+        common.update(SMALL["common"])
+        tok.update(SMALL["common"], **SMALL["tokenizer"])
+        gen.update(SMALL["common"], **SMALL["generator"])
+        ev.update(SMALL["eval"])
+        out = os.environ.get(OUT_ENV) or SMALL_OUT
+    elif use_drive and in_colab():
+        out = str(mount_drive() / drive_folder / out)
+    elif use_drive:
+        logging.getLogger(__name__).warning("use_drive is for Colab; writing run folders to %s", out)
+    if common.get("mixed_precision", "auto") == "auto":
+        # By compute capability: bf16 on Ampere and newer, fp16 on a T4 (bf16 is only emulated there), fp32 on CPU.
+        common["mixed_precision"] = choose_mixed_precision()
+    tok_dir, gen_dir = Path(out) / "tokenizer", Path(out) / "generator"
+    tok_cfg = TokenizerTrainConfig(**{**common, **tok, "out": str(tok_dir)})
+    gen_cfg = GeneratorTrainConfig(**{**common, **gen, "out": str(gen_dir), "tokenizer": str(tok_dir)})
+    shared = {"seed": common.get("seed", 0), **ev}
+    return NotebookRun(
+        tokenizer=tok_cfg, generator=gen_cfg, small=small,
+        tokenizer_eval=TokenizerEvalConfig(checkpoint=str(tok_dir), data=tok_cfg.data,
+                                           **{k: v for k, v in shared.items() if k != "attribute_prompts"}),
+        generator_eval=GeneratorEvalConfig(checkpoint=str(gen_dir), data=gen_cfg.data, data_seed=shared["seed"],
+                                           **shared))
 
 
 def mount_drive() -> Path:

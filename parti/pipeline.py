@@ -31,15 +31,15 @@ class Pipeline:
         self.tokenizer, self.generator, self.text_encoder, self.device = tokenizer, generator, text_encoder, device
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str] | str, *, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 batch_size: int = 64, return_codes: bool = False) -> PipelineOutput:
+    def __call__(self, prompts: list[str] | str, sampling: SamplingParams = SamplingParams(), *,
+                 num_images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64,
+                 return_codes: bool = False) -> PipelineOutput:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PartiError("no prompts given; pass at least one prompt")
         if num_images_per_prompt < 1:
             raise PartiError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        params = SamplingParams(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        params = sampling
         rows = [p for p in prompts for _ in range(num_images_per_prompt)]
         rng = torch.Generator(device=self.device).manual_seed(seed)
         codes = []

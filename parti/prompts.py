@@ -19,6 +19,17 @@ FFHQ_SAMPLE_PROMPTS = (
 )
 
 
+# `parti demo`'s grid: six prompts, each naming hair colour and length, background and accessories.
+DEMO_PROMPTS = (
+    "a smiling person with long red hair and glasses on a blue background",
+    "a person with short black hair wearing a hat on a yellow background",
+    "a neutral person with long blonde hair on a green background",
+    "a smiling person with short white hair on a purple background",
+    "a person with long blue hair and glasses on a gray background",
+    "a neutral person with short brown hair wearing a hat on a red background",
+)
+
+
 def sample_prompts(data: str) -> tuple[str, ...]:
     return SYNTHETIC_SAMPLE_PROMPTS if data.startswith("synthetic") else FFHQ_SAMPLE_PROMPTS
 

@@ -1,5 +1,9 @@
 """Stage-1 training: `train_tokenizer(TokenizerTrainConfig) -> run folder`.
 
+The ViT-VQGAN learns to reconstruct images through its codebook: L2 + L1 (+ LPIPS) + commitment, and a
+hinge GAN loss with its own discriminator and optimizer from `disc_start`. `TokenizerStage` is this stage's
+step body; `parti.loop.fit` runs it (resume, logging, evaluation, checkpoints, export).
+
 The run folder's top level is the exported tokenizer (config.json + model.safetensors), loadable with
 `parti.load_tokenizer(run_dir)`; run.json, metrics.jsonl, samples/ (reconstruction grids) and
 checkpoints/ (resumable training state) sit beside it.
@@ -9,25 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from parti import data as data_mod
-from parti.checkpoint import config_from_dict
+from parti.distributed import (average_gradients, global_codebook_stats, reduce_logs, replicas_agree,
+                               total_over_ranks)
 from parti.errors import PartiError
 from parti.losses import LossConfig, TokenizerLoss
+from parti.loop import Stage, TrainConfig, fit
 from parti.metrics import psnr
+from parti.optim import NonFiniteGuard, flatten_optimizer, lr_at, make_adamw, restore_optimizer, set_lr
 from parti.plots import reconstruction_grid
-from parti.runs import MetricsLogger, RunFolder
+from parti.settings import setting
+from parti.state import load_module
 from parti.tokenizer import TOKENIZER_PRESETS, VQTokenizer, build_tokenizer, save_tokenizer
-from parti.trainer import (Checkpoints, NonFiniteGuard, StopRequest, average_gradients, batch_stream, capture_rng,
-                           check_resumable, check_stage, codebook_stats, flatten_optimizer, load_module, lr_at,
-                           make_accelerator, make_adamw, on_main, reduce_logs, remove_temporaries, replicas_agree,
-                           restore_optimizer, restore_rng, rng_untouched, seed_everything, set_lr, total_over_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -38,59 +40,42 @@ PRESET_LOSS_WEIGHTS = {"tiny": (0.0, 0.0), "demo": (0.0, 0.0), "base": (0.1, 0.1
 
 
 @dataclass
-class TokenizerTrainConfig:
-    data: str = "synthetic"
-    preset: str = "tiny"
-    out: str = "checkpoints/tokenizer"
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    l2_weight: float = 1.0
-    l1_weight: float = 1.0
-    perceptual_weight: float = -1.0  # -1: the preset's default (PRESET_LOSS_WEIGHTS)
-    adversarial_weight: float = -1.0  # -1: the preset's default
-    disc_start: int = 10000
-    disc_channels: int = 64
-    vgg_weights: str = ""  # local VGG16 weights file; empty: cache, then download
-    pretrained_vgg: bool = True  # False: random-init VGG (benchmarks/tests only)
-    log_every: int = 10
-    sample_every: int = 500
-    save_every: int = 500
-    val_images: int = 64
-    keep_checkpoints: int = 2
-    seed: int = 0
-    mixed_precision: str = "auto"
-    cpu: bool = False
-    num_workers: int = 0
-    flip: bool = True  # random horizontal flips
-    synthetic_length: int = 20000
-    holdout: bool = False  # synthetic: leave the (hair, background) pairs of HOLDOUT_COMBINATIONS out
-    image_column: str = ""
-    caption_column: str = ""
-    resume: bool = False
-    progress: bool = True
+class TokenizerTrainConfig(TrainConfig, LossConfig):
+    """Stage 1's settings: the shared training settings, the loss weights (`LossConfig`) and these."""
+
+    preset: str = setting("tiny", "tokenizer size (parti.TOKENIZER_PRESETS)", choices=tuple(TOKENIZER_PRESETS))
+    out: str = setting("checkpoints/tokenizer")
+    batch_size: int = setting(16)
+    lr: float = setting(1e-3)
+    weight_decay: float = setting(1e-4)
+    grad_clip: float = setting(1.0)
+    perceptual_weight: float | None = setting(None, "weight of LPIPS on VGG16 (needs its ImageNet weights); "
+                                              "0: off; default: the preset's (0 for tiny and demo)")
+    adversarial_weight: float | None = setting(None, "weight of the hinge GAN loss from --disc-start; 0: off; "
+                                               "default: the preset's (0 for tiny and demo)")
+    pretrained_vgg: bool = setting(True, "ImageNet VGG16 for LPIPS (off: random weights, for benchmarks and "
+                                   "tests)")
+    val_images: int = setting(64, "validation images for PSNR and the reconstruction grids", minimum=1,
+                              maximum=100000)
+    flip: bool = setting(True, "random horizontal flips")
 
     def __post_init__(self):
         if self.preset not in TOKENIZER_PRESETS:
             raise PartiError(f"unknown tokenizer preset {self.preset!r}; choose one of {sorted(TOKENIZER_PRESETS)}")
-        for name in ("steps", "batch_size", "log_every", "sample_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise PartiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise PartiError(f"--lr must be > 0, got {self.lr}")
         perceptual, adversarial = PRESET_LOSS_WEIGHTS.get(self.preset, (0.1, 0.1))
-        if self.perceptual_weight == -1.0:
+        if self.perceptual_weight is None:
             self.perceptual_weight = perceptual
-        if self.adversarial_weight == -1.0:
+        if self.adversarial_weight is None:
             self.adversarial_weight = adversarial
+        super().__post_init__()
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
 
 
-def open_split(cfg, split: str, image_size: int):
-    return data_mod.open_source(cfg.data, split=split, image_size=image_size,
-                                image_column=cfg.image_column or None, caption_column=cfg.caption_column or None,
+def open_split(cfg: TrainConfig, split: str, image_size: int):
+    return data_mod.open_source(cfg.data, split=split, image_size=image_size, image_column=cfg.image_column,
+                                caption_column=cfg.caption_column,
                                 synthetic_length=cfg.synthetic_length if split == "train" else None,
                                 seed=cfg.seed, holdout=cfg.holdout)
 
@@ -109,164 +94,122 @@ def val_batch(source, n: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
-    acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
-    out = Path(cfg.out)
-    check_stage(out, "tokenizer", resume=cfg.resume)
-    seed_everything(cfg.seed)
-    model = build_tokenizer(cfg.preset)
-    size = model.config.image_size
-    loss_fn = TokenizerLoss(LossConfig(l2_weight=cfg.l2_weight, l1_weight=cfg.l1_weight,
-                                       perceptual_weight=cfg.perceptual_weight,
-                                       adversarial_weight=cfg.adversarial_weight, disc_start=cfg.disc_start,
-                                       disc_channels=cfg.disc_channels, vgg_weights=cfg.vgg_weights or None),
-                            image_size=size, pretrained_vgg=cfg.pretrained_vgg)
-    train_src, val_src = open_split(cfg, "train", size), open_split(cfg, "val", size)
-    val_images = val_batch(val_src, cfg.val_images).to(acc.device)
-    model_config = dataclasses.asdict(model.config)
+class TokenizerStage(Stage):
+    """The autoencoder with its optimizer, and the discriminator with its own (outside DDP)."""
 
-    ckpts = Checkpoints(out, keep=cfg.keep_checkpoints)
-    state = ckpts.latest() if cfg.resume else None  # before run.json changes: a refusal leaves no trace
-    if state is not None:
-        check_resumable(state[1], stage="tokenizer", model=model_config, where=out)
-    run = on_main(acc, lambda: RunFolder(out, config={"stage": "tokenizer", **dataclasses.asdict(cfg),
-                                                      "model": model_config},
-                                         resume=cfg.resume, mixed_precision=acc.mixed_precision))
-    acc.wait_for_everyone()
-    disc = loss_fn.discriminator
-    opt = make_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    opt_d = make_adamw(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)) if disc else None
+    name = "tokenizer"
+    may_skip_batches = True  # image data: a batch whose every image is unreadable arrives as None
 
-    step, epoch, position = 0, 0, 0
-    if state is not None:
-        tensors, meta = state
-        load_module(model, tensors, "model", what="tokenizer weights")  # codebook usage buffers included
-        restore_optimizer(opt, tensors, meta["opt"], "opt")
-        if disc is not None and "disc_opt" in meta:
-            load_module(disc, tensors, "disc", what="discriminator")
-            restore_optimizer(opt_d, tensors, meta["disc_opt"], "optd")
-        elif disc is not None:
+    def __init__(self, cfg: TokenizerTrainConfig, acc, state):
+        self.cfg, self.acc = cfg, acc
+        self.model = build_tokenizer(cfg.preset)
+        size = self.model.config.image_size
+        self.loss_fn = TokenizerLoss(cfg.loss_config(), image_size=size, pretrained_vgg=cfg.pretrained_vgg)
+        self.train_set, val_set = open_split(cfg, "train", size), open_split(cfg, "val", size)
+        self.collate, self.flip_prob = data_mod.collate, 0.5 if cfg.flip else 0.0
+        self.val_images = val_batch(val_set, cfg.val_images).to(acc.device)
+        self.model_config = dataclasses.asdict(self.model.config)
+        self.disc = self.loss_fn.discriminator
+        self.optimizer = make_adamw(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    betas=(0.9, 0.99))
+        self.opt_d = (make_adamw(self.disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+                      if self.disc is not None else None)
+        self.guard, self.guard_d = NonFiniteGuard(), NonFiniteGuard(what="discriminator loss")
+        self.guards = [self.guard, self.guard_d]
+        self.grad_norm = torch.tensor(float("nan"))
+        self.raw: VQTokenizer = self.model
+
+    def restore(self, tensors, meta) -> None:
+        load_module(self.model, tensors, "model", what="tokenizer weights")  # codebook usage buffers included
+        restore_optimizer(self.optimizer, tensors, meta["opt"], "opt")
+        if self.disc is not None and "disc_opt" in meta:
+            load_module(self.disc, tensors, "disc", what="discriminator")
+            restore_optimizer(self.opt_d, tensors, meta["disc_opt"], "optd")
+        elif self.disc is not None:
             log.warning("the checkpoint has no discriminator (adversarial loss was off): starting a fresh one")
-        restore_rng(tensors)  # last: building the models above drew from the RNG
-        step, epoch, position = meta["step"], meta["epoch"], meta["position"]
-        log.info("resumed from step %d", step)
-    model, opt = acc.prepare(model, opt)
-    loss_fn.to(acc.device)
-    if disc is not None:
-        # D stays outside DDP: the loss calls it both frozen (generator term) and trained (its own
-        # term); its gradients are averaged over ranks by hand before its step.
-        opt_d = acc.prepare(opt_d)
-    raw: VQTokenizer = acc.unwrap_model(model)
-    metrics = MetricsLogger(run.metrics_path) if run else None
-    if metrics is not None and state is not None:
-        metrics.truncate_after(step)
 
-    def export() -> None:
-        with rng_untouched():
-            save_tokenizer(raw, out)
+    def prepare(self) -> None:
+        acc = self.acc
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.loss_fn.to(acc.device)
+        if self.disc is not None:
+            # D stays outside DDP: the loss calls it both frozen (generator term) and trained (its own
+            # term); its gradients are averaged over ranks by hand before its step.
+            self.opt_d = acc.prepare(self.opt_d)
+        self.raw = acc.unwrap_model(self.model)
 
-    def save(at: int, ep: int, pos: int) -> None:
-        in_sync = replicas_agree(acc, raw) and (disc is None or replicas_agree(acc, disc))  # every rank calls
-        if not acc.is_main_process:
-            return
-        tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
-        opt_t, opt_meta = flatten_optimizer(opt, "opt")
-        meta = {"stage": "tokenizer", "model": model_config, "epoch": ep, "position": pos, "opt": opt_meta,
-                "replicas_in_sync": in_sync, "world_size": acc.num_processes}
+    def train_step(self, batch, step: int) -> int:
+        acc, cfg = self.acc, self.cfg
+        images = batch["image"].to(acc.device, non_blocking=True)  # (B, 3, S, S) in [-1, 1]
+        with acc.autocast():
+            res = self.model(images)
+            loss, logs = self.loss_fn.generator_loss(images, res.reconstruction.float(), commit_loss=res.commit_loss,
+                                                     step=step, last_layer=self.raw.last_layer)
+        # No host read here: a non-finite loss makes fused AdamW skip the step on the device (the
+        # discriminator's too: it does not learn from a step the autoencoder skipped).
+        if self.guard.step(loss, acc, self.optimizer):
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            if self.disc is not None and self.loss_fn.adversarial_on(step):
+                logs.update(self._discriminator_step(images, res.reconstruction.float(), step))
+        self.last = (images, res, logs)
+        return images.shape[0]
+
+    def _discriminator_step(self, images: torch.Tensor, fake: torch.Tensor, step: int) -> dict[str, float]:
+        acc, cfg = self.acc, self.cfg
+        set_lr(self.opt_d, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
+        with acc.autocast():
+            d_loss, d_logs = self.loss_fn.discriminator_loss(images, fake, step=step)
+        if self.guard_d.step(d_loss, acc, self.opt_d, skip_also=self.guard.bad):
+            self.opt_d.zero_grad(set_to_none=True)
+            acc.backward(d_loss)
+            average_gradients(acc, self.disc)
+            self.opt_d.step()
+        return d_logs
+
+    def log_row(self) -> dict:
+        images, res, logs = self.last
+        logs = {**logs, "psnr": float(psnr(res.reconstruction.detach().float().clamp(-1, 1), images).mean())}
+        return {**reduce_logs(self.acc, logs),
+                **global_codebook_stats(self.acc, res.codes, self.raw.config.codebook_size),
+                "grad_norm": float(self.grad_norm),
+                "skipped_images": int(total_over_ranks(self.acc, getattr(self.train_set, "skipped", 0)))}
+
+    def postfix(self, row) -> dict[str, str]:
+        return {"loss": f"{row['total']:.4f}", "psnr": f"{row['psnr']:.2f}", "usage": f"{row['usage']:.2f}"}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        val = self.val_images
+        recon = torch.cat([self.raw(val[i:i + 32]).reconstruction for i in range(0, len(val), 32)])
+        if self.acc.is_main_process:
+            reconstruction_grid(val[:8].cpu(), recon[:8].float().cpu(), title=f"step {step}",
+                                path=Path(self.cfg.out) / "samples" / f"step_{step:07d}.png")
+        return {"val_psnr": float(psnr(recon.float().clamp(-1, 1), val).mean()),
+                "val_l1": float((recon.float() - val).abs().mean())}
+
+    def training_state(self):
+        tensors = {f"model.{k}": v for k, v in self.raw.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer(self.optimizer, "opt")
         tensors.update(opt_t)
-        if disc is not None:
-            tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
-            d_t, meta["disc_opt"] = flatten_optimizer(opt_d, "optd")
+        meta = {"opt": opt_meta}
+        if self.disc is not None:
+            tensors.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
+            d_t, meta["disc_opt"] = flatten_optimizer(self.opt_d, "optd")
             tensors.update(d_t)
-        ckpts.save(at, {**tensors, **capture_rng()}, meta)
-        export()  # after the training state: a torn export is rewritten from it on --resume
+        return tensors, meta
 
-    @torch.no_grad()
-    def evaluate(at: int) -> dict[str, float]:
-        model.eval()
-        with rng_untouched():  # evaluation never moves the training RNG (resume equality)
-            recon = torch.cat([raw(val_images[i:i + 32]).reconstruction for i in range(0, len(val_images), 32)])
-            if acc.is_main_process:
-                reconstruction_grid(val_images[:8].cpu(), recon[:8].float().cpu(), title=f"step {at}",
-                                    path=out / "samples" / f"step_{at:07d}.png")
-        model.train()
-        return {"val_psnr": float(psnr(recon.float().clamp(-1, 1), val_images).mean()),
-                "val_l1": float((recon.float() - val_images).abs().mean())}
+    def in_sync(self) -> bool:
+        return replicas_agree(self.acc, self.raw) and (self.disc is None or replicas_agree(self.acc, self.disc))
 
-    if state is not None and acc.is_main_process:
-        remove_temporaries(out)
-        export()  # rewrite an export a kill may have torn, from the checkpoint
-    guard, guard_d, stop = NonFiniteGuard(), NonFiniteGuard(what="discriminator loss"), StopRequest()
-    stream = batch_stream(train_src, data_mod.collate, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                          start=position, rank=acc.process_index, world=acc.num_processes,
-                          num_workers=cfg.num_workers, flip_prob=0.5 if cfg.flip else 0.0,
-                          pin_memory=acc.device.type == "cuda")
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and acc.is_main_process), desc="tokenizer")
-    t0, seen, grad_norm = time.time(), 0, torch.tensor(float("nan"))
-    with stop.installed():
-        while step < cfg.steps:
-            epoch, position, batch = next(stream)
-            position += 1
-            # Every image of a batch unreadable (each was warned about): skip it, on all ranks together.
-            if total_over_ranks(acc, float(batch is None)) > 0:
-                continue
-            images = batch["image"].to(acc.device, non_blocking=True)
-            set_lr(opt, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
-            with acc.autocast():
-                res = model(images)
-                loss, logs = loss_fn.generator_loss(images, res.reconstruction.float(), commit_loss=res.commit_loss,
-                                                    step=step, last_layer=raw.last_layer)
-            # No host read here: a non-finite loss makes fused AdamW skip the step on the device (the
-            # discriminator's too: it does not learn from a step the autoencoder skipped).
-            if guard.step(loss, acc, opt):
-                opt.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                if disc is not None and loss_fn.adversarial_on(step):
-                    set_lr(opt_d, lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
-                    with acc.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(images, res.reconstruction.float(), step=step)
-                    if guard_d.step(d_loss, acc, opt_d, skip_also=guard.bad):
-                        opt_d.zero_grad(set_to_none=True)
-                        acc.backward(d_loss)
-                        average_gradients(acc, disc)
-                        opt_d.step()
-                    logs.update(d_logs)
-            step += 1
-            seen += images.shape[0] * acc.num_processes
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                guard.report()
-                guard_d.report()
-                logs["psnr"] = float(psnr(res.reconstruction.detach().float().clamp(-1, 1), images).mean())
-                row = {**reduce_logs(acc, logs), **codebook_stats(acc, res.codes, raw.config.codebook_size),
-                       "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                       "images_per_s": seen / (time.time() - t0),
-                       "skipped_images": int(total_over_ranks(acc, getattr(train_src, "skipped", 0))),
-                       "nonfinite_steps": guard.total + guard_d.total}
-                if metrics:
-                    metrics.log(step, **row)
-                bar.set_postfix(loss=f"{row['total']:.4f}", psnr=f"{row['psnr']:.2f}", usage=f"{row['usage']:.2f}")
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                row = evaluate(step)
-                if metrics:
-                    metrics.log(step, split="val", **row)
-            stopping = stop.should_stop(acc)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                guard.report()  # a run of non-finite losses stops here, before the save
-                guard_d.report()
-                save(step, epoch, position)
-                acc.wait_for_everyone()
-            if stopping:
-                log.warning("stopped at step %d; rerun with --resume to continue", step)
-                break
-    bar.close()
-    if metrics:
-        metrics.close()
-    return out
+    def export(self) -> None:
+        save_tokenizer(self.raw, self.cfg.out)
+
+    def trained_modules(self):
+        return [self.raw, self.disc]
 
 
-def config_from_args(values: dict) -> TokenizerTrainConfig:
-    return config_from_dict(TokenizerTrainConfig, values, what="train-tokenizer")
+def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
+    """Train the tokenizer as `cfg` says; returns the run folder."""
+    return fit(TokenizerStage, cfg)

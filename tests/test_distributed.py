@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parti.trainer import epoch_batches
+from parti.batches import epoch_batches
 
 STEPS = 10
 

@@ -17,8 +17,9 @@ from torch import nn
 from parti import synthetic
 from parti.data import to_tensor
 from parti.errors import PartiError
-from parti.evaluate import (attribute_accuracy, attribute_prompts, evaluate_generator, evaluate_tokenizer, fid,
-                            format_table, holdout_attribute_prompts, write_results)
+from parti.evaluate import (GeneratorEvalConfig, TokenizerEvalConfig, attribute_accuracy, attribute_prompts,
+                            evaluate_generator, evaluate_tokenizer, fid, format_table, holdout_attribute_prompts,
+                            write_results)
 from parti.metrics import fid_from_features
 
 
@@ -28,8 +29,7 @@ class RenderingPipeline:
     def __init__(self, size: int = 32):
         self.size, self.calls = size, []
 
-    def __call__(self, prompts, *, num_images_per_prompt=1, guidance_scale=3.0, temperature=1.0, top_k=None,
-                 top_p=None, seed=0, batch_size=64):
+    def __call__(self, prompts, sampling=None, *, num_images_per_prompt=1, seed=0, batch_size=64):
         self.calls.append(list(prompts))
         rng = __import__("random").Random(seed)
         images = []
@@ -57,8 +57,8 @@ def test_attribute_accuracy_of_the_datasets_own_faces_is_100_percent(phrasing):
 
 def test_attribute_accuracy_scores_wrong_faces_as_wrong():
     class WrongBackground(RenderingPipeline):
-        def __call__(self, prompts, **kwargs):
-            out = super().__call__(prompts, **kwargs)
+        def __call__(self, prompts, sampling=None, **kwargs):
+            out = super().__call__(prompts, sampling, **kwargs)
             out.images[:, :, :4, :4] = out.images[:, :, -4:, -4:] = 0.0  # gray-ish corners, mostly wrong
             out.images[:, :, :4, -4:] = out.images[:, :, -4:, :4] = 0.0
             return out
@@ -118,8 +118,8 @@ def tiny_tokenizer(tiny_run):
 
 
 def test_evaluate_tokenizer_offline_reports_missing_weights_and_the_rest(tiny_tokenizer, tmp_path):
-    result = evaluate_tokenizer(checkpoint=tiny_tokenizer, data="synthetic", num_images=6, batch_size=4,
-                                allow_download=False)
+    result = evaluate_tokenizer(TokenizerEvalConfig(checkpoint=tiny_tokenizer, data="synthetic", num_images=6,
+                                                    batch_size=4, download=False))
     assert result["num_images"] == 6
     assert math.isfinite(result["psnr"]) and -1.0 <= result["ssim"] <= 1.0
     assert 0.0 < result["codebook_usage"] <= 1.0 and 1.0 <= result["codebook_perplexity"] <= 256
@@ -138,8 +138,8 @@ def test_evaluate_tokenizer_rfid_with_local_inception_weights(tiny_tokenizer, tm
     torch.manual_seed(0)
     weights = tmp_path / "inception.safetensors"
     save_file(build_fid_inception().state_dict(), str(weights))
-    result = evaluate_tokenizer(checkpoint=tiny_tokenizer, data="synthetic", num_images=2, batch_size=2,
-                                inception=str(weights), allow_download=False)
+    result = evaluate_tokenizer(TokenizerEvalConfig(checkpoint=tiny_tokenizer, data="synthetic", num_images=2,
+                                                    batch_size=2, inception=str(weights), download=False))
     assert math.isfinite(result["rfid"]) and "rfid" not in result["errors"]
 
 
@@ -178,9 +178,10 @@ def _tiny_clip_folder(folder):
 
 def test_evaluate_generator_on_synthetic(tiny_run, tmp_path):
     # batch_size 8: one sampling pass for the 4 FID/CLIP images, one for the 4 + 4 attribute prompts.
-    result = evaluate_generator(checkpoint=tiny_run, data="synthetic", num_images=4, batch_size=8, seed=0,
-                                inception=PooledFeatures(), clip=_tiny_clip_folder(tmp_path / "clip"),
-                                allow_download=False, holdout=True, num_attribute_prompts=4)
+    result = evaluate_generator(GeneratorEvalConfig(checkpoint=tiny_run, data="synthetic", num_images=4, batch_size=8,
+                                                    seed=0, clip=_tiny_clip_folder(tmp_path / "clip"), download=False,
+                                                    holdout=True, attribute_prompts=4),
+                                inception=PooledFeatures())
     assert math.isfinite(result["val_loss"]) and result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
     assert result["val_loss"] < math.log(256) + 1  # a barely trained model is still near uniform over 256 codes
     assert math.isfinite(result["fid"]) and 0.0 <= result["clip_score"] <= 100.0 and result["errors"] == {}
@@ -195,8 +196,8 @@ def test_evaluate_generator_on_synthetic(tiny_run, tmp_path):
 
 
 def test_evaluate_generator_without_metric_weights_still_reports_the_rest(tiny_run):
-    result = evaluate_generator(checkpoint=tiny_run, data="synthetic", num_images=4, batch_size=4,
-                                allow_download=False, num_attribute_prompts=0)
+    result = evaluate_generator(GeneratorEvalConfig(checkpoint=tiny_run, data="synthetic", num_images=4, batch_size=4,
+                                                    download=False, attribute_prompts=0))
     assert result["fid"] is None and result["clip_score"] is None and result["num_generated"] == 0
     assert "--inception PATH" in result["errors"]["fid"] and "--clip PATH" in result["errors"]["clip_score"]
     assert math.isfinite(result["val_loss"]) and not any(k.startswith("attribute_accuracy") for k in result)
@@ -240,8 +241,8 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(command, tmp_path, capsys):
 
 def test_bad_arguments_are_parti_errors(tiny_tokenizer, tiny_run, tmp_path):
     with pytest.raises(PartiError, match="num_images"):
-        evaluate_tokenizer(checkpoint=tiny_tokenizer, data="synthetic", num_images=1)
+        evaluate_tokenizer(TokenizerEvalConfig(checkpoint=tiny_tokenizer, data="synthetic", num_images=1))
     with pytest.raises(PartiError, match="phrasing"):
         attribute_accuracy(RenderingPipeline(), num_prompts=2, phrasing="poetry")
     with pytest.raises(PartiError, match="--data synthetic"):
-        evaluate_generator(checkpoint=tiny_run, data=str(tmp_path), holdout=True)
+        evaluate_generator(GeneratorEvalConfig(checkpoint=tiny_run, data=str(tmp_path), holdout=True))

@@ -75,24 +75,24 @@ def test_notebook_has_the_sections_and_resumes():
 def test_resolve_small_mode(monkeypatch, tmp_path):
     monkeypatch.setenv(notebook.SMALL_ENV, "1")
     monkeypatch.setenv(notebook.OUT_ENV, str(tmp_path))
-    cfg = notebook.resolve(notebook.NotebookConfig(data="hf:some/faces", tokenizer_preset="ffhq128", use_drive=True))
-    assert cfg.small and cfg.data == cfg.generator_data == "synthetic"
-    assert (cfg.tokenizer_preset, cfg.generator_preset) == ("tiny", "tiny")
-    assert cfg.perceptual_weight == cfg.adversarial_weight == 0.0  # no VGG weights offline
-    assert cfg.text_encoder == "trainable" and not cfg.use_drive
+    cfg = notebook.configure(data="hf:some/faces", tokenizer=dict(preset="ffhq128"), use_drive=True)
+    assert cfg.small and cfg.tokenizer.data == cfg.generator.data == "synthetic"
+    assert (cfg.tokenizer.preset, cfg.generator.preset) == ("tiny", "tiny")
+    assert cfg.tokenizer.perceptual_weight == cfg.tokenizer.adversarial_weight == 0.0  # no VGG weights offline
+    assert cfg.generator.text_encoder == "trainable" and not cfg.tokenizer_eval.download
     assert cfg.tokenizer_dir == tmp_path / "tokenizer" and cfg.generator_dir == tmp_path / "generator"
-    assert cfg.mixed_precision in ("no", "bf16", "fp16")
+    assert cfg.tokenizer.mixed_precision in ("no", "bf16", "fp16")
 
 
 def test_resolve_full_mode(monkeypatch):
     monkeypatch.delenv(notebook.SMALL_ENV, raising=False)
-    cfg = notebook.resolve(notebook.NotebookConfig(data="faces/", tokenizer_steps=123, use_drive=True))
-    assert not cfg.small and cfg.tokenizer_steps == 123
-    assert cfg.generator_data == "faces/"  # empty: the same as data
-    assert cfg.out == notebook.DEFAULT_OUT  # use_drive outside Colab: a warning, not a mount
-    assert notebook.resolve(notebook.NotebookConfig(generator_data="hf:x")).generator_data == "hf:x"
+    cfg = notebook.configure(data="faces/", tokenizer=dict(steps=123), use_drive=True)
+    assert not cfg.small and cfg.tokenizer.steps == 123
+    assert cfg.generator.data == "faces/"  # not given: the same as data
+    assert cfg.tokenizer_dir.parent == Path(notebook.DEFAULT_OUT)  # use_drive outside Colab: a warning, not a mount
+    assert notebook.configure(generator=dict(data="hf:x")).generator.data == "hf:x"
     with pytest.raises(PartiError, match="tokenizer preset"):
-        notebook.NotebookConfig(tokenizer_preset="huge")
+        notebook.configure(tokenizer=dict(preset="huge"))
 
 
 def test_environment_helpers(monkeypatch):

@@ -266,7 +266,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
     import errno
 
     import parti.checkpoint as ck
-    from parti.trainer import Checkpoints
+    from parti.state import Checkpoints
 
     ckpts = Checkpoints(tmp_path, keep=2)
     ckpts.save(2, {"w": torch.ones(3)}, {"epoch": 0})
@@ -296,7 +296,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
 
 
 def test_checkpoints_keep_the_newest_k_and_skip_damaged_ones(tmp_path, caplog):
-    from parti.trainer import Checkpoints
+    from parti.state import Checkpoints
 
     ckpts = Checkpoints(tmp_path, keep=3)
     for step in (5, 10, 100, 1000, 10_000_000):  # ordered by number, not by name

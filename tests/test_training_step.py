@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from parti.errors import PartiError
-from parti.trainer import EMA, NonFiniteGuard, flatten_optimizer, make_adamw, restore_optimizer, skips_on_device
+from parti.optim import EMA, NonFiniteGuard, flatten_optimizer, make_adamw, restore_optimizer, skips_on_device
 
 
 def small_model(channels_last: bool = False) -> nn.Module:

@@ -1,0 +1,301 @@
+"""The one training skeleton both stages run: resume, train, log, evaluate, save, export, stop.
+
+A stage (`parti.train_tokenizer.TokenizerStage`, `parti.train_generator.GeneratorStage`) supplies its
+models, data and step body; `fit(StageClass, config)` does everything around them, in this order:
+
+    check --out, seed, read the newest checkpoint (with --resume)
+    stage = StageClass(config, accelerator, state)        models, data, optimizers
+    run.json; restore weights, optimizers, RNG and data position from the checkpoint
+    loop: next batch -> lr -> stage.train_step
+          every log_every:    stage.log_row -> metrics.jsonl, the progress bar
+          every sample_every: stage.evaluate (no grad, RNG untouched) -> metrics.jsonl
+          every save_every, at the end, on SIGINT/SIGTERM: weights checked finite, training state saved,
+          then stage.export (the loadable model at the run folder's top)
+
+With several processes every rank runs the same loop; the collectives (skipped batches, stop requests,
+reductions) are reached by all ranks at the same steps, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from parti.batches import batch_stream
+from parti.distributed import make_accelerator, on_main, total_over_ranks
+from parti.errors import PartiError
+from parti.optim import NonFiniteGuard, lr_at, set_lr
+from parti.runs import MetricsLogger, RunFolder
+from parti.settings import check_settings, setting
+from parti.state import (Checkpoints, capture_rng, check_resumable, check_stage, remove_temporaries, restore_rng,
+                         rng_untouched, seed_everything)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings every stage's training shares. Each stage's config adds its own and may redeclare a
+    default here (help and bounds are inherited)."""
+
+    data: str = setting("synthetic", "synthetic, an image folder, a .parquet file or folder, an imagefolder, or "
+                        "hf:NAME (stage 2: also a code cache folder)")
+    out: str = setting("checkpoints/run", "the run folder: the exported model, run.json, metrics, checkpoints")
+    steps: int = setting(1000, "optimizer steps in all", minimum=1)
+    batch_size: int = setting(32, "items per step and process", minimum=1, maximum=1 << 20)
+    lr: float = setting(5e-4, "peak learning rate (after warmup, then cosine decay to a tenth)", above=0,
+                        maximum=10.0)
+    warmup_steps: int = setting(100, "linear warmup steps", minimum=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay (not on biases and norms)", minimum=0, maximum=10.0)
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this", above=0)
+    log_every: int = setting(10, "steps between metrics lines", minimum=1)
+    sample_every: int = setting(500, "steps between sample grids and validation metrics", minimum=1)
+    save_every: int = setting(500, "steps between resumable checkpoints", minimum=1)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept", minimum=1, maximum=1000)
+    seed: int = setting(0, "seed of weights, data order and dropout", minimum=0)
+    mixed_precision: str = setting("auto", "auto: bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU",
+                                   choices=PRECISIONS)
+    cpu: bool = setting(False, "train on the CPU even when a GPU is present")
+    num_workers: int = setting(0, "data loader processes", minimum=0, maximum=256)
+    synthetic_length: int = setting(20000, "synthetic faces in the training split", minimum=0, maximum=10**9)
+    holdout: bool = setting(False, "synthetic: leave the (hair, background) pairs of HOLDOUT_COMBINATIONS out")
+    image_column: str | None = setting(None, "table data: the image column (default: found from the data)")
+    caption_column: str | None = setting(None, "table data: the caption column (default: found from the data)")
+    resume: bool = setting(False, "continue the run in --out from its newest checkpoint")
+    progress: bool = setting(True, "show a progress bar")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+class Stage:
+    """One stage's part of training; `fit` calls it. Subclasses set `name` and implement the methods.
+
+    `__init__(cfg, acc, state)` builds models, data and optimizers (drawing from the seeded RNG) and sets
+    `model` (the module trained, before `acc.prepare`), `optimizer`, `guards` (`NonFiniteGuard`s whose
+    counts are reported at log and save steps), `train_set`, `collate`, `flip_prob` and `model_config`
+    (the architecture as JSON, compared on resume). `state` is the checkpoint being resumed, or None.
+    """
+
+    name = ""
+    may_skip_batches = False  # whether the data can yield an empty (all unreadable) batch, as None
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Load weights and optimizer state from a checkpoint (the RNG and position are `fit`'s)."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Wrap models and optimizers for the accelerator (DDP, mixed precision)."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any, step: int) -> int:
+        """One optimizer step on `batch`, without host reads; returns the images in it (this process)."""
+        raise NotImplementedError
+
+    def log_row(self) -> dict[str, Any]:
+        """Metrics of the last step, reduced over ranks (every rank calls it)."""
+        raise NotImplementedError
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        """What the progress bar shows of a log row."""
+        return {}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Validation metrics (and a grid under samples/) with the model in eval mode, under no_grad."""
+        raise NotImplementedError
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON metadata a resumed run needs, beyond the RNG and the data position."""
+        raise NotImplementedError
+
+    def in_sync(self) -> bool:
+        """Whether every rank holds the same weights (every rank calls it)."""
+        raise NotImplementedError
+
+    def export(self) -> None:
+        """Write the loadable model at the run folder's top."""
+        raise NotImplementedError
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """Modules whose weights must stay finite; a save checks them first."""
+        return [self.model]
+
+
+@dataclasses.dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # batches of `epoch` already read
+
+
+def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
+    """Train `stage_cls` as `cfg` says; returns the run folder (`cfg.out`)."""
+    acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
+    out = Path(cfg.out)
+    check_stage(out, stage_cls.name, resume=cfg.resume)
+    seed_everything(cfg.seed)
+    ckpts = Checkpoints(out, keep=cfg.keep_checkpoints)
+    state = ckpts.latest() if cfg.resume else None  # before run.json changes: a refusal leaves no trace
+    stage = stage_cls(cfg, acc, state)
+    if state is not None:
+        check_resumable(state[1], stage=stage.name, model=stage.model_config, where=out)
+    run = on_main(acc, lambda: RunFolder(out, config={"stage": stage.name, **dataclasses.asdict(cfg),
+                                                      "model": stage.model_config},
+                                         resume=cfg.resume, mixed_precision=acc.mixed_precision))
+    acc.wait_for_everyone()
+    at = Position()
+    if state is not None:
+        tensors, meta = state
+        stage.restore(tensors, meta)
+        restore_rng(tensors)  # last: building the models drew from the RNG
+        at = Position(meta["step"], meta["epoch"], meta["position"])
+        log.info("resumed from step %d", at.step)
+    stage.prepare()
+    metrics = MetricsLogger(run.metrics_path) if run else None
+    if metrics is not None and state is not None:
+        metrics.truncate_after(at.step)
+    if state is not None and acc.is_main_process:
+        remove_temporaries(out)
+        _export(stage)  # rewrite an export a kill may have torn, from the checkpoint
+    try:
+        _loop(stage, cfg, ckpts, metrics, at)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return out
+
+
+def _loop(stage: Stage, cfg: TrainConfig, ckpts: Checkpoints, metrics: MetricsLogger | None, at: Position) -> None:
+    acc = stage.acc
+    stream = batch_stream(stage.train_set, stage.collate, batch_size=cfg.batch_size, seed=cfg.seed, epoch=at.epoch,
+                          start=at.position, rank=acc.process_index, world=acc.num_processes,
+                          num_workers=cfg.num_workers, flip_prob=stage.flip_prob, pin_memory=acc.device.type == "cuda")
+    stage.model.train()
+    bar = tqdm(total=cfg.steps, initial=at.step, disable=not (cfg.progress and acc.is_main_process), desc=stage.name)
+    t0, seen, stop = time.time(), 0, StopRequest()
+    with stop.installed():
+        while at.step < cfg.steps:
+            at.epoch, at.position, batch = next(stream)
+            at.position += 1
+            # Every image of a batch unreadable (each was warned about): skip it, on all ranks together.
+            if stage.may_skip_batches and total_over_ranks(acc, float(batch is None)) > 0:
+                continue
+            set_lr(stage.optimizer, lr_at(at.step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
+            seen += stage.train_step(batch, at.step) * acc.num_processes
+            at.step += 1
+            bar.update(1)
+            last = at.step == cfg.steps
+            if at.step % cfg.log_every == 0 or last:
+                _report(stage.guards)
+                row = {**stage.log_row(), "lr": stage.optimizer.param_groups[0]["lr"],
+                       "images_per_s": seen / (time.time() - t0), "nonfinite_steps": sum(g.total for g in stage.guards)}
+                if metrics:
+                    metrics.log(at.step, **row)
+                bar.set_postfix(stage.postfix(row))
+            if at.step % cfg.sample_every == 0 or last:
+                row = _evaluate(stage, at.step)
+                if metrics:
+                    metrics.log(at.step, split="val", **row)
+            stopping = stop.should_stop(acc)
+            if at.step % cfg.save_every == 0 or last or stopping:
+                _report(stage.guards)  # a run of non-finite losses stops here, before the save
+                _save(stage, ckpts, at)
+                acc.wait_for_everyone()
+            if stopping:
+                log.warning("stopped at step %d; rerun with --resume to continue", at.step)
+                break
+    bar.close()
+
+
+def _report(guards: list[NonFiniteGuard]) -> None:
+    for guard in guards:
+        guard.report()
+
+
+@torch.no_grad()
+def _evaluate(stage: Stage, step: int) -> dict[str, float]:
+    stage.model.eval()
+    try:
+        with rng_untouched():  # evaluation never moves the training RNG (resume equality)
+            return stage.evaluate(step)
+    finally:
+        stage.model.train()
+
+
+def _export(stage: Stage) -> None:
+    with rng_untouched():
+        stage.export()
+
+
+def _save(stage: Stage, ckpts: Checkpoints, at: Position) -> None:
+    """Training state, then the export (a torn export is rewritten from the state on --resume). Weights that
+    turned NaN/inf (a step that overflowed without a non-finite loss) stop the run before anything is written."""
+    check_finite_weights(stage.trained_modules(), step=at.step)
+    in_sync = stage.in_sync()  # every rank takes part
+    if not stage.acc.is_main_process:
+        return
+    tensors, meta = stage.training_state()
+    meta = {"stage": stage.name, "model": stage.model_config, "epoch": at.epoch, "position": at.position,
+            "replicas_in_sync": in_sync, "world_size": stage.acc.num_processes, **meta}
+    ckpts.save(at.step, {**tensors, **capture_rng()}, meta)
+    _export(stage)
+
+
+def check_finite_weights(modules: list[torch.nn.Module], *, step: int) -> None:
+    """One host read: whether any floating-point parameter of `modules` holds NaN/inf."""
+    params = [p.detach() for m in modules if m is not None for p in m.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).any()
+    if bool(bad.item()):
+        raise PartiError(f"the weights became NaN/inf by step {step}; nothing was saved. Lower --lr or "
+                         f"--grad-clip, or resume from the last checkpoint with --resume")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits.
+
+    With several processes `should_stop(acc)` agrees across ranks (a signal may reach only some), so
+    every rank stops at the same step and none waits forever in a collective.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    def should_stop(self, acc) -> bool:
+        if acc.num_processes > 1:
+            flag = torch.tensor([float(self.requested)], device=acc.device)
+            self.requested = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        return self.requested
+
+    @contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, self._handler)
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
