@@ -145,6 +145,7 @@ def raise_error(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from parti import app, hub
     from parti.train_generator import GeneratorTrainConfig
     from parti.train_tokenizer import TokenizerTrainConfig
 
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="folder for the pictures (default RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
+    hub.add_push_parser(sub)
+    app.add_serve_parser(sub)
     return parser
 
 
