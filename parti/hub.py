@@ -110,7 +110,7 @@ def prepare_upload(checkpoint: str | Path, folder: str | Path, *, repo_id: str |
     README.md model card. The checkpoint is loaded first, strictly, so a folder that does not load is refused."""
     from parti.pipeline import load_pipeline
 
-    checkpoint, folder = Path(checkpoint), Path(folder)
+    checkpoint, folder = resolve_checkpoint(checkpoint), Path(folder)  # a Hub repo id may be pushed elsewhere
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise PartiError(f"upload folder {folder} is not empty; give a new folder")
     pipe = load_pipeline(checkpoint, device="cpu", dtype="fp32")  # refuses inconsistent folders
