@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import time
+import warnings
 from typing import Any
 
 from parti.errors import PartiError
 from parti.pipeline import SAMPLING_DTYPES
 from parti.sampling import SamplingParams
+from parti.text import TruncationWarning
 
 INSTALL_HINT = 'the web demo needs gradio: pip install -e ".[app]" (or pip install gradio)'
 MAX_IMAGES = 64  # per click: keeps one request on a shared Space from holding the model for minutes
@@ -61,9 +64,12 @@ def _optional_number(name: str, value: str | float | None) -> float | None:
     if not value.strip():
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise PartiError(f"{name} must be a number or empty (off), got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise PartiError(f"{name} must be a number or empty (off), got {value!r}")
+    return number
 
 
 def generate_images(pipe, prompt_text: str, num_images: float, guidance_scale: float, temperature: float,
@@ -74,12 +80,15 @@ def generate_images(pipe, prompt_text: str, num_images: float, guidance_scale: f
 
     prompts, params, n, seed = parse_request(prompt_text, num_images, guidance_scale, temperature, top_k, top_p, seed)
     start = time.perf_counter()
-    result = run_pipeline(pipe, prompts, params=params, num_images=n, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:  # the text encoder says when it cut long prompts
+        warnings.simplefilter("always", TruncationWarning)
+        result = run_pipeline(pipe, prompts, params=params, num_images=n, seed=seed)
     images = result.images.float().cpu()  # (P * n, 3, S, S) in [-1, 1]
     gallery = [(to_pil(image), f"{prompt} #{i % n + 1}") for i, (image, prompt) in enumerate(zip(images, result.prompts))]
     status = (f"{len(gallery)} images ({len(prompts)} prompts x {n}), seed {seed}, "
               f"in {time.perf_counter() - start:.1f} s")
-    return gallery, status
+    cut = [str(w.message) for w in caught if issubclass(w.category, TruncationWarning)]
+    return gallery, status + (f". Note: {cut[0]}" if cut else "")
 
 
 def build_app(pipe, *, title: str = "parti: text to faces"):

@@ -176,13 +176,15 @@ def test_settings_errors_are_the_sampling_params_messages(pipe):
     assert error(top_p="1.5") == str(cli.value)
     assert error(top_k="0").startswith("top_k must be >= 1")
     assert "top_k must be a whole number" in error(top_k="2.5")
-    assert "number or empty" in error(top_p="abc")
+    assert "number or empty" in error(top_p="abc") and "number or empty" in error(top_k="inf")
     assert "no prompts" in error(prompt_text=" \n ")
     assert "seed is empty" in error(seed=None)
     assert "at most 64 images" in error(num_images=40)
     gallery, text = generate_images(pipe, "a\n\nb", 2, 1.0, 0.0, "5", "0.9", 3)
     assert [c for _, c in gallery] == ["a #1", "a #2", "b #1", "b #2"] and "seed 3" in text
-    assert gallery[0][0].size == (32, 32)
+    assert gallery[0][0].size == (32, 32) and "Note" not in text
+    _, text = generate_images(pipe, "a prompt longer than sixteen bytes", 1, 3.0, 1.0, "", "", 0)
+    assert "Note: 1 of 1 prompts were longer than 16 tokens" in text
 
 
 def test_run_pipeline_speaks_both_call_shapes(pipe):
