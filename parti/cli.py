@@ -196,6 +196,7 @@ def _add_sample(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from parti import app, hub
     from parti.demo import DemoConfig
     from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
     from parti.train_generator import GeneratorTrainConfig
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a training run folder")
     p.add_argument("--out", default=None, help="folder for the pictures (default RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
+    hub.add_push_parser(sub)
+    app.add_serve_parser(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ import torch
 
 from parti.errors import PartiError
 from parti.generator import Generator, load_generator
+from parti.hub import resolve_checkpoint
 from parti.sampling import SamplingParams, generate
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
@@ -94,13 +95,13 @@ def as_sampling_dtype(generator: Generator, dtype: torch.dtype) -> Generator:
 
 
 def load_pipeline(folder: str | Path, *, device: str | torch.device | None = None,
-                  text_encoder_path: str | None = None, dtype: str = "auto") -> Pipeline:
+                  text_encoder_path: str | None = None, dtype: str = "auto", revision: str | None = None) -> Pipeline:
     """Everything needed to go from prompts to images, from a generator folder alone.
 
     dtype: the generator's weights for sampling ("auto", "fp32", "bf16"; see `sampling_dtype`). Logits
     are fp32 either way; the tokenizer and text encoder stay fp32.
     """
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder, revision=revision)  # a Hub repo id 'user/name[@rev]' -> its cached folder
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = sampling_dtype(dtype, device)
     generator, data = load_generator(folder, device=device)

@@ -25,6 +25,7 @@ from torch import nn
 
 from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_state, save_model
 from parti.errors import PartiError
+from parti.hub import resolve_checkpoint
 from parti.layers import Block, init_weights
 
 
@@ -236,8 +237,9 @@ def save_tokenizer(model: VQTokenizer, folder: str | Path) -> Path:
     return save_model(folder, "tokenizer", model.config, model)
 
 
-def load_tokenizer(folder: str | Path, *, device: str | torch.device = "cpu") -> VQTokenizer:
+def load_tokenizer(folder: str | Path, *, device: str | torch.device = "cpu", revision: str | None = None) -> VQTokenizer:
     """Rebuild a tokenizer from its folder alone (config.json + model.safetensors), strictly, in eval mode."""
+    folder = resolve_checkpoint(folder, revision=revision)  # a Hub repo id 'user/name[@rev]' -> its cached folder
     data = check_folder(folder, "tokenizer")
     model = VQTokenizer(config_from_dict(TokenizerConfig, data.get("config", {}), what=f"{folder}/config.json"))
     load_state(folder, model)
