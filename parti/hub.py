@@ -76,6 +76,43 @@ def resolve_checkpoint(name_or_path: str | Path, *, revision: str | None = None)
 
 def download(repo_id: str, *, revision: str | None = None) -> Path:
     """The model files of `repo_id` into huggingface_hub's cache (once); returns the snapshot folder."""
+    return _snapshot(repo_id, revision=revision, repo_type="model", patterns=list(MODEL_FILES))
+
+
+def dataset_snapshot(repo_id: str, *, revision: str | None = None,
+                     patterns: tuple[str, ...] = ("*.parquet", "**/*.parquet", "README.md")) -> Path:
+    """A Hub dataset's parquet shards in huggingface_hub's cache, downloaded once (resumable, and served from
+    the cache offline); their total size is logged, and checked against the free disk, before it starts."""
+    from huggingface_hub import constants
+
+    repo_id, rev = parse_repo_id(repo_id, revision=revision)
+    if not constants.HF_HUB_OFFLINE:
+        _announce_download(repo_id, rev, patterns)
+    return _snapshot(repo_id, revision=rev, repo_type="dataset", patterns=list(patterns))
+
+
+def _announce_download(repo_id: str, revision: str | None, patterns: tuple[str, ...]) -> None:
+    """Log what a dataset download will take and refuse one that cannot fit (files already cached count too)."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, constants, errors
+
+    try:
+        info = HfApi().dataset_info(repo_id, revision=revision, files_metadata=True)
+    except errors.HfHubHTTPError:
+        return  # _snapshot reports the failure with its own message
+    total = sum(f.size or 0 for f in info.siblings or [] if any(fnmatch(f.rfilename, p) for p in patterns))
+    cache = Path(constants.HF_HUB_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    log.info("dataset %s: %.1f GB of parquet shards into %s (once; later runs read the cache)", repo_id,
+             total / 1e9, cache)
+    if total > free:
+        raise PartiError(f"dataset {repo_id} needs {total / 1e9:.1f} GB and {cache} has {free / 1e9:.1f} GB free; "
+                         f"free disk space or set HF_HOME to a larger disk")
+
+
+def _snapshot(repo_id: str, *, revision: str | None, repo_type: str, patterns: list[str]) -> Path:
     from huggingface_hub import constants, errors, snapshot_download
 
     from parti import __version__
@@ -83,7 +120,7 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
     label = repo_id + (f"@{revision}" if revision else "")
     offline = constants.HF_HUB_OFFLINE
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES),
+        path = snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
                                  local_files_only=offline, library_name="parti", library_version=__version__)
     except errors.LocalEntryNotFoundError:
         why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"

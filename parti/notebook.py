@@ -53,6 +53,8 @@ class NotebookRun:
     tokenizer_eval: TokenizerEvalConfig
     generator_eval: GeneratorEvalConfig
     small: bool = False  # small mode (PARTI_NOTEBOOK_SMALL=1)
+    dataset: str = "synthetic"  # what `configure`'s choice resolved to: ffhq | synthetic
+    drive: Path | None = None  # MyDrive/<drive_folder> when Drive is mounted: downloads are kept there too
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -63,41 +65,72 @@ class NotebookRun:
         return Path(self.generator.out)
 
 
-# Small mode: tiny models on a few synthetic faces, a handful of steps, nothing downloaded (no VGG, no T5).
-# Each stage runs in seconds on two CPU cores; the notebook then exercises every cell as on a GPU.
+# What each dataset choice trains on; the notebook's form values override these per stage.
+FFHQ_CAPTIONED = "hf:cr7Por/ffhq_controlnet_5_2_23"  # 39.6k FFHQ faces with captions (image, image_caption)
+DATASETS = {
+    # The real job: stage 1 on FFHQ's 70,000 thumbnails (fetched once onto local disk), stage 2 on the
+    # captioned FFHQ with a frozen pretrained T5 (t5-large, as in the original work).
+    "ffhq": {"tokenizer": dict(perceptual_weight=0.1, adversarial_weight=0.1),
+             "generator": dict(data=FFHQ_CAPTIONED, text_encoder="t5-large"), "thumbnails": True},
+    # The built-in synthetic faces: no download, a text encoder trained jointly.
+    "synthetic": {"tokenizer": dict(data="synthetic"), "generator": dict(data="synthetic", text_encoder="trainable"),
+                  "thumbnails": False},
+}
+
+# Small mode: tiny models, a handful of steps, nothing downloaded (no VGG; synthetic data unless the FFHQ
+# choice was made explicitly, then its sources at tiny sizes). Each stage runs in seconds on two CPU cores.
 SMALL = {
-    "common": dict(data="synthetic", warmup_steps=2, log_every=2, sample_every=6, save_every=3, synthetic_length=64,
-                   num_workers=0, steps=6, batch_size=4),
+    "common": dict(warmup_steps=2, log_every=2, sample_every=6, save_every=3, synthetic_length=64, num_workers=0,
+                   steps=6, batch_size=4),
     "tokenizer": dict(preset="tiny", perceptual_weight=0.0, adversarial_weight=0.0, val_images=8),
-    "generator": dict(preset="tiny", text_encoder="trainable", text_preset="tiny", text_tokenizer="bytes"),
+    "generator": dict(preset="tiny", text_preset="tiny", text_tokenizer="bytes"),
     "eval": dict(num_images=8, attribute_prompts=4, download=False),
 }
 
 
-def configure(*, out: str = DEFAULT_OUT, use_drive: bool = False, drive_folder: str = "parti",
-              tokenizer: dict | None = None, generator: dict | None = None, evaluation: dict | None = None,
-              **common) -> NotebookRun:
-    """The run the notebook's cells train: `common` settings (data, seed, save_every, ...) for both stages,
-    `tokenizer`/`generator` overrides of each stage's config (a field name each), `evaluation` overrides of
-    the evaluation configs (num_images, attribute_prompts, download).
+def choose_dataset(choice: str) -> str:
+    """auto: FFHQ on a GPU with the Hub reachable (offline mode not set), else the synthetic faces."""
+    import torch
+    from huggingface_hub import constants
 
-    Run folders go to OUT/tokenizer and OUT/generator; with `use_drive` on Colab, OUT is placed under the
-    mounted MyDrive/<drive_folder> (elsewhere it is ignored with a warning). Stage 2 reads `generator["data"]`
-    when given, else the common data. Small mode ($PARTI_NOTEBOOK_SMALL=1) replaces sizes with SMALL and OUT
-    with $PARTI_NOTEBOOK_OUT. Mixed precision "auto" is resolved here, so the cell prints what runs.
+    if choice not in ("auto", *DATASETS):
+        raise PartiError(f"dataset must be auto, {' or '.join(DATASETS)}; got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "ffhq" if torch.cuda.is_available() and not constants.HF_HUB_OFFLINE and not small_mode() else "synthetic"
+
+
+def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool = False, drive_folder: str = "parti",
+              data_dir: str = "data", tokenizer: dict | None = None, generator: dict | None = None,
+              evaluation: dict | None = None, **common) -> NotebookRun:
+    """The run the notebook's cells train: the `dataset` choice's sources (DATASETS), `common` settings (seed,
+    save_every, ...) for both stages, `tokenizer`/`generator` overrides of each stage's config (a field name
+    each; `text_encoder="auto"` keeps the dataset's), `evaluation` overrides of the evaluation configs.
+
+    FFHQ's thumbnails go to DATA_DIR/ffhq128 on local disk (`fetch_data`). Run folders go to OUT/tokenizer and
+    OUT/generator; with `use_drive` on Colab, OUT is placed under MyDrive/<drive_folder>/ (elsewhere the flag
+    is ignored with a warning). Small mode ($PARTI_NOTEBOOK_SMALL=1) shrinks every size (SMALL) and writes
+    under $PARTI_NOTEBOOK_OUT. Mixed precision "auto" is resolved here, so the cell prints what runs.
     """
     from parti.runs import choose_mixed_precision
 
-    tok, gen, ev = dict(tokenizer or {}), dict(generator or {}), dict(evaluation or {})
-    small = small_mode()
-    if small:  # small mode's values win over every other, shared or per stage
+    kind = choose_dataset(dataset)
+    chosen = DATASETS[kind]
+    tok = {**chosen["tokenizer"], **(tokenizer or {})}
+    gen = {**chosen["generator"], **{k: v for k, v in (generator or {}).items() if v != "auto"}}
+    ev = dict(evaluation or {})
+    if chosen["thumbnails"]:
+        tok.setdefault("data", str(Path(data_dir) / "ffhq128"))
+    small, drive = small_mode(), None
+    if small:  # small mode's sizes win over every other, shared or per stage
         common.update(SMALL["common"])
         tok.update(SMALL["common"], **SMALL["tokenizer"])
         gen.update(SMALL["common"], **SMALL["generator"])
         ev.update(SMALL["eval"])
         out = os.environ.get(OUT_ENV) or SMALL_OUT
     elif use_drive and in_colab():
-        out = str(mount_drive() / drive_folder / out)
+        drive = mount_drive() / drive_folder
+        out = str(drive / out)
     elif use_drive:
         logging.getLogger(__name__).warning("use_drive is for Colab; writing run folders to %s", out)
     if common.get("mixed_precision", "auto") == "auto":
@@ -105,14 +138,38 @@ def configure(*, out: str = DEFAULT_OUT, use_drive: bool = False, drive_folder: 
         common["mixed_precision"] = choose_mixed_precision()
     tok_dir, gen_dir = Path(out) / "tokenizer", Path(out) / "generator"
     tok_cfg = TokenizerTrainConfig(**{**common, **tok, "out": str(tok_dir)})
-    gen_cfg = GeneratorTrainConfig(**{**common, **gen, "out": str(gen_dir), "tokenizer": str(tok_dir)})
+    gen_cfg = GeneratorTrainConfig(**{**common, "data": tok_cfg.data, **gen, "out": str(gen_dir),
+                                      "tokenizer": str(tok_dir)})
     shared = {"seed": common.get("seed", 0), **ev}
     return NotebookRun(
-        tokenizer=tok_cfg, generator=gen_cfg, small=small,
+        tokenizer=tok_cfg, generator=gen_cfg, small=small, dataset=kind, drive=drive,
         tokenizer_eval=TokenizerEvalConfig(checkpoint=str(tok_dir), data=tok_cfg.data,
                                            **{k: v for k, v in shared.items() if k != "attribute_prompts"}),
         generator_eval=GeneratorEvalConfig(checkpoint=str(gen_dir), data=gen_cfg.data, data_seed=shared["seed"],
-                                           **shared))
+                                           text_encoder_path=_local_folder(gen_cfg.text_encoder), **shared))
+
+
+def _local_folder(name: str) -> str | None:
+    return name if Path(name).expanduser().is_dir() else None
+
+
+def fetch_data(run: NotebookRun, *, source: str | None = None) -> None:
+    """Get what the run reads before training starts. FFHQ: the thumbnails onto local disk once, from `source`
+    (a zip or folder, e.g. on Drive), else the zip kept on Drive by an earlier runtime, else the Hub mirror (then
+    a copy is kept on Drive when it is mounted); and the captioned shards into the Hub cache (their size said
+    first) unless the generator's code cache is made already. The synthetic faces: nothing."""
+    from parti.fetch import FFHQ_MIRROR, fetch_ffhq_thumbnails
+    from parti.hub import dataset_snapshot
+
+    if run.dataset != "ffhq":
+        return
+    kept = run.drive / FFHQ_MIRROR["filename"] if run.drive is not None else None
+    if source is None and kept is not None and kept.is_file():
+        source = str(kept)
+    fetch_ffhq_thumbnails(run.tokenizer.data, source=source, keep_copy=run.drive if source is None else None)
+    data = run.generator.data
+    if data.startswith("hf:") and not (run.generator_dir / "cache" / "manifest.json").is_file():
+        dataset_snapshot(data[3:])
 
 
 def mount_drive() -> Path:

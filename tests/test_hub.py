@@ -2,9 +2,7 @@
 (blobs, refs/main, snapshots/<commit>/ with relative symlinks), pickles and code in the repo are never
 read, bad ids are refused before any lookup; push builds the exact upload folder and model card."""
 
-import hashlib
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -12,33 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hubcache import COMMIT, add_to_cache
 from parti.errors import PartiError
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _blob_name(rel: str, data: bytes) -> str:
-    """LFS files are stored under their sha256, regular git files under their git blob sha1."""
-    if rel.endswith((".safetensors", ".bin", ".model")):
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes], *, commit: str = COMMIT,
-                 ref: str = "main") -> Path:
-    """Lay out models--user--name/{blobs, refs/<ref>, snapshots/<commit>} as snapshot_download leaves it."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)  # no newline, as huggingface_hub writes it
-    snapshot = repo / "snapshots" / commit
-    for rel, data in files.items():
-        blob = repo / "blobs" / _blob_name(rel, data)
-        blob.write_bytes(data)
-        link = snapshot / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))  # relative, as file_download._create_symlink
-    return snapshot
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
