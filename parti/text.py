@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_state, save_model
+from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_model_weights, save_model
 from parti.errors import PartiError
 
 T5_ALIASES = {f"t5-{s}": f"google-t5/t5-{s}" for s in ("small", "base", "large", "3b", "11b")}
@@ -420,12 +420,7 @@ def save_text_encoder(encoder: TrainableTextEncoder, folder: str | Path) -> Path
 def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu") -> TrainableTextEncoder:
     """Load what `save_text_encoder` wrote, strictly: unknown keys, missing files or mismatches are errors."""
     folder = Path(folder)
-    data = check_folder(folder, KIND)
-    unknown = sorted(set(data) - {"kind", "config", "fingerprint", "tokenizer_fingerprint"})
-    if unknown:
-        raise PartiError(f"{folder}/config.json: unknown keys {unknown}; the file was edited or is not parti's")
-    if not isinstance(data.get("config"), dict):
-        raise PartiError(f"{folder}/config.json has no 'config' object; the folder is not a saved text encoder")
+    data = check_folder(folder, KIND)  # unknown top-level keys and a non-object "config" are refused there
     config = config_from_dict(TextEncoderConfig, data["config"], what=f"{folder}/config.json")
     if config.tokenizer == "sentencepiece":
         tok = SentencePieceTokenizer(folder / SPM_NAME, max_length=config.max_length)
@@ -434,10 +429,8 @@ def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu")
     if data.get("tokenizer_fingerprint") != tok.fingerprint():
         raise PartiError(f"{folder}: the tokenizer does not match the one the encoder was saved with; "
                          f"restore the original {SPM_NAME}")
-    encoder = TrainableTextEncoder(config, tokenizer=tok)
-    load_state(folder, encoder)
-    if "fingerprint" in data and fingerprint_state(encoder.state_dict()) != data["fingerprint"]:
-        raise PartiError(f"{folder}/model.safetensors does not match the fingerprint in config.json; re-save it")
+    encoder = load_model_weights(folder, lambda: TrainableTextEncoder(config, tokenizer=tok),
+                                 fingerprint=data.get("fingerprint"))
     return encoder.to(device)
 
 
