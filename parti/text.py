@@ -164,6 +164,9 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, 
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel  # heavy import, only when loading
 
     _check_max_length(max_length)
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise PartiError(f"no T5 named (got {name_or_path!r}): the generator's config.json does not record its text "
+                         "encoder; pass the T5 it was trained with (--text-encoder-path PATH)")
     path = Path(name_or_path).expanduser()
     is_local = path.is_dir()
     if not is_local and (name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path
@@ -184,7 +187,7 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, 
         raise
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        where = f"from folder {name}: {reason}" if is_local else f"{name_or_path!r} (offline?)"
+        where = f"from folder {name}: {reason}" if is_local else f"{name_or_path!r} (no such folder here; offline?)"
         raise PartiError(f"could not load T5 {where}; pass a local folder with --text-encoder PATH") from e
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise PartiError(f"the tokenizer of {name_or_path} has no pad or eos token; is this a T5 tokenizer?")
@@ -277,6 +280,8 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
     """Train a unigram sentencepiece model in memory on `captions`; same captions -> same bytes."""
     import sentencepiece as spm
 
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 3 < vocab_size <= 1_000_000:
+        raise PartiError(f"vocab_size must be an integer in [4, 1000000] (pad, eos and unk take 3), got {vocab_size!r}")
     lines = [c for c in captions if isinstance(c, str) and c.strip()]
     if not lines:
         raise PartiError("train_sentencepiece needs non-empty captions; check the dataset's caption files")
@@ -290,8 +295,9 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
             character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",  # NFKC + lower-case
             hard_vocab_limit=False,  # a small caption set may support fewer pieces than asked: fine
             minloglevel=2)
-    except RuntimeError as e:
-        reason = str(e).split("] ", 1)[-1].splitlines()[0]
+    except RuntimeError as e:  # sentencepiece's messages: "INTERNAL: file.cc(827) [check] reason"
+        lines = (str(e).split("] ", 1)[-1].strip() or str(e).strip()).splitlines()
+        reason = lines[0] if lines else type(e).__name__
         raise PartiError(f"could not train sentencepiece with vocab_size={vocab_size}: {reason}") from None
     return buf.getvalue()
 
