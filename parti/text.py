@@ -298,6 +298,9 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
     except RuntimeError as e:  # sentencepiece's messages: "INTERNAL: file.cc(827) [check] reason"
         lines = (str(e).split("] ", 1)[-1].strip() or str(e).strip()).splitlines()
         reason = lines[0] if lines else type(e).__name__
+        if "all_chars_count" in str(e):  # every caption is empty once normalised (zero-width characters, ...)
+            raise PartiError("train_sentencepiece needs non-empty captions; these hold no characters once "
+                             "normalised: check the dataset's caption files") from None
         raise PartiError(f"could not train sentencepiece with vocab_size={vocab_size}: {reason}") from None
     return buf.getvalue()
 
