@@ -9,11 +9,14 @@ Layout of a cache folder, one subfolder per split:
   train/text_00000.npy               (n, L_shard, D) float16 T5 states   [only with a frozen T5]
   train/text_len_00000.npy           (n,) int32 number of real tokens      [only with a frozen T5]
 
-`.npy` files are read with allow_pickle=False; a cache whose tokenizer or T5 differs is refused.
+manifest.json is written last (the old one is removed first) and lists every shard file with its size
+and sha256; `.npy` files are read with allow_pickle=False; a cache whose files, counts or shapes differ
+from its manifest, or whose tokenizer or T5 differs from the run's, is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,18 +28,74 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from parti import data as data_mod
-from parti.checkpoint import read_json, write_json
+from parti.checkpoint import _atomic_write, _fsync_dir, read_json, write_json
 from parti.errors import PartiError
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2  # 2: shards list their files with sizes and sha256
+SPLITS = ("train", "val")
+SHARD_FILES = ("codes", "captions", "text", "text_len")  # codes_00000.npy, captions_00000.jsonl, ...
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array, allow_pickle=False)
-    tmp.replace(path)
+def _shard_name(kind: str, k: int) -> str:
+    return f"{kind}_{k:05d}." + ("jsonl" if kind == "captions" else "npy")
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    _atomic_write(path, write)
+    return _file_record(path)
+
+
+def _save_text(path: Path, text: str) -> dict[str, Any]:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return _file_record(path)
+
+
+def _prepare_out(out: Path) -> None:
+    """`out` is ours to write: missing, empty, or a cache (finished or killed). The old manifest goes first,
+    so a re-encode killed half-way leaves no manifest over a mix of old and new shards."""
+    if out.exists() and not out.is_dir():
+        raise PartiError(f"--out {out} is a file; give a folder for the code cache")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, *SPLITS) and not p.name.startswith("."))
+        if foreign:
+            raise PartiError(f"--out {out} holds files that are not a code cache ({foreign[:5]}); give an empty or "
+                             f"new folder, or an existing cache to re-encode")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        _fsync_dir(out)
+        for split in SPLITS:
+            for pattern in (*(f"{kind}_*.*" for kind in SHARD_FILES), ".*.tmp"):  # old shards, killed writes
+                for stale in (out / split).glob(pattern):
+                    stale.unlink()
+    except OSError as e:
+        raise PartiError(f"could not write {out}: {e.strerror or e}; choose another --out") from e
+
+
+def _check_encode_args(*, batch_size: int, shard_size: int, max_items: int | None, num_workers: int,
+                       splits: tuple[str, ...]) -> None:
+    for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
+                             ("num_workers", num_workers, 0), ("max_items", max_items if max_items is not None else 1, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise PartiError(f"encode: {name} must be an integer >= {low}, got {value!r}")
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise PartiError(f"encode: splits must be among {list(SPLITS)}, got {list(splits)}")
 
 
 @torch.no_grad()
@@ -49,7 +108,11 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
 
     holdout: synthetic faces without the held-out (hair, background) pairs (recorded in the manifest).
     num_workers: DataLoader processes that decode/render images while the tokenizer runs.
+    Shards are written first and the manifest, which lists every shard file with its size and sha256,
+    last: a cache without a manifest is incomplete, and `CodeCache` refuses any file that differs.
     """
+    _check_encode_args(batch_size=batch_size, shard_size=shard_size, max_items=max_items, num_workers=num_workers,
+                       splits=tuple(splits))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok: VQTokenizer = load_tokenizer(tokenizer, device=device)
     if tok.config.codebook_size > 65536:
@@ -57,10 +120,11 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
     if text_encoder is not None and getattr(text_encoder, "trainable", False):
         text_encoder = None  # a trainable encoder runs inside training; only captions are cached
     out = Path(out)
+    _prepare_out(out)
     manifest: dict[str, Any] = {
-        "kind": "code_cache", "data": data, "tokenizer": str(tokenizer), "tokenizer_fingerprint": tok.fingerprint(),
-        "image_size": tok.config.image_size, "grid_size": tok.config.grid_size,
-        "num_codes": tok.config.codebook_size,
+        "kind": "code_cache", "version": MANIFEST_VERSION, "data": data, "tokenizer": str(tokenizer),
+        "tokenizer_fingerprint": tok.fingerprint(), "image_size": tok.config.image_size,
+        "grid_size": tok.config.grid_size, "num_codes": tok.config.codebook_size,
         "text_encoder": text_encoder.identity() if text_encoder is not None else None,
         "text_dim": getattr(text_encoder, "dim", None), "holdout": holdout, "splits": {},
     }
@@ -69,51 +133,60 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
                                       caption_column=caption_column, seed=seed, holdout=holdout,
                                       synthetic_length=synthetic_length if split == "train" else None)
         n_items = len(source) if max_items is None else min(len(source), max_items)
-        indices = list(range(n_items))
-        loader = DataLoader(torch.utils.data.Subset(source, indices), batch_size=batch_size,
+        loader = DataLoader(torch.utils.data.Subset(source, list(range(n_items))), batch_size=batch_size,
                             collate_fn=data_mod.collate, num_workers=num_workers,
                             worker_init_fn=data_mod.ignore_stop_signals)
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        shards, codes_buf, caps_buf, text_buf, len_buf, count = [], [], [], [], [], 0
-
-        def flush() -> None:
-            if not codes_buf:
-                return
-            k = len(shards)
-            _save_npy(folder / f"codes_{k:05d}.npy", np.concatenate(codes_buf).astype(np.uint16))
-            (folder / f"captions_{k:05d}.jsonl").write_text("".join(json.dumps(c) + "\n" for c in caps_buf))
-            entry = {"index": k, "n": sum(len(c) for c in codes_buf)}
-            if text_buf:
-                width = max(t.shape[1] for t in text_buf)
-                padded = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in text_buf]
-                _save_npy(folder / f"text_{k:05d}.npy", np.concatenate(padded).astype(np.float16))
-                _save_npy(folder / f"text_len_{k:05d}.npy", np.concatenate(len_buf).astype(np.int32))
-            shards.append(entry)
-            codes_buf.clear(), caps_buf.clear(), text_buf.clear(), len_buf.clear()
-
-        for batch in tqdm(loader, desc=f"encode {split}", disable=not progress):
-            if batch is None:
-                continue
-            codes = tok.encode(batch["image"].to(device)).flatten(1).cpu().numpy()
-            captions = [c if c is not None else "" for c in batch["caption"]]
-            codes_buf.append(codes)
-            caps_buf.extend(captions)
-            if text_encoder is not None:
-                states, mask = text_encoder.encode(captions)
-                lengths = mask.sum(1)
-                text_buf.append(states[:, :int(lengths.max())].float().cpu().numpy())
-                len_buf.append(lengths.cpu().numpy())
-            count += len(codes)
-            if sum(len(c) for c in codes_buf) >= shard_size:
-                flush()
-        flush()
+        shards = _encode_split(loader, tok, text_encoder, out / split, shard_size=shard_size, device=device,
+                               progress=progress, desc=f"encode {split}")
+        count = sum(s["n"] for s in shards)
         if count == 0:
             raise PartiError(f"no readable images in the {split} split of {data}")
         manifest["splits"][split] = {"count": count, "shards": shards, "skipped": getattr(source, "skipped", 0)}
-        log.info("encoded %d %s images into %s", count, split, folder)
+        log.info("encoded %d %s images into %s", count, split, out / split)
     write_json(out / MANIFEST, manifest)  # last: a cache without a manifest is incomplete
     return out
+
+
+def _encode_split(loader, tok: VQTokenizer, text_encoder, folder: Path, *, shard_size: int, device: torch.device,
+                  progress: bool, desc: str) -> list[dict[str, Any]]:
+    """Encode one split into `folder` shard by shard; returns the shard records for the manifest."""
+    shards: list[dict[str, Any]] = []
+    codes_buf, caps_buf, text_buf, len_buf = [], [], [], []
+
+    def flush() -> None:
+        if not codes_buf:
+            return
+        k = len(shards)
+        files = {_shard_name("codes", k): _save_npy(folder / _shard_name("codes", k),
+                                                    np.concatenate(codes_buf).astype(np.uint16)),
+                 _shard_name("captions", k): _save_text(folder / _shard_name("captions", k),
+                                                        "".join(json.dumps(c) + "\n" for c in caps_buf))}
+        if text_buf:
+            width = max(t.shape[1] for t in text_buf)
+            padded = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in text_buf]
+            files[_shard_name("text", k)] = _save_npy(folder / _shard_name("text", k),
+                                                      np.concatenate(padded).astype(np.float16))
+            files[_shard_name("text_len", k)] = _save_npy(folder / _shard_name("text_len", k),
+                                                          np.concatenate(len_buf).astype(np.int32))
+        shards.append({"index": k, "n": sum(len(c) for c in codes_buf), "files": files})
+        codes_buf.clear(), caps_buf.clear(), text_buf.clear(), len_buf.clear()
+
+    for batch in tqdm(loader, desc=desc, disable=not progress):
+        if batch is None:
+            continue
+        codes = tok.encode(batch["image"].to(device)).flatten(1).cpu().numpy()
+        captions = [c if c is not None else "" for c in batch["caption"]]
+        codes_buf.append(codes)
+        caps_buf.extend(captions)
+        if text_encoder is not None:
+            states, mask = text_encoder.encode(captions)
+            lengths = mask.sum(1)
+            text_buf.append(states[:, :int(lengths.max())].float().cpu().numpy())
+            len_buf.append(lengths.cpu().numpy())
+        if sum(len(c) for c in codes_buf) >= shard_size:
+            flush()
+    flush()
+    return shards
 
 
 def is_cache(path: str | Path) -> bool:
@@ -121,34 +194,45 @@ def is_cache(path: str | Path) -> bool:
 
 
 class CodeCache(Dataset):
-    """One split of a cache: items {"codes": (T,) long, "caption": str[, "text": (L, D) fp16]}."""
+    """One split of a cache: items {"codes": (T,) long, "caption": str[, "text": (L, D) fp16]}.
 
-    def __init__(self, folder: str | Path, split: str = "train"):
+    Opening checks everything against the manifest before training can start: each shard file's size and
+    sha256 (`verify=False` checks sizes only), codes (n, grid_size**2) uint16 below num_codes, one caption
+    per code row (JSON strings), text states (n, L, text_dim) with lengths in [1, L]. Any mismatch is a
+    one-line PartiError that says to re-run `parti encode`.
+    """
+
+    def __init__(self, folder: str | Path, split: str = "train", *, verify: bool = True):
         self.root = Path(folder)
         if not is_cache(self.root):
-            raise PartiError(f"{self.root} is not a code cache (no {MANIFEST}); create one with `parti encode`")
-        self.manifest = read_json(self.root / MANIFEST)
-        if split not in self.manifest["splits"]:
-            raise PartiError(f"cache {self.root} has no {split!r} split; it has {sorted(self.manifest['splits'])}")
-        folder = self.root / split
+            raise PartiError(f"{self.root} is not a code cache (no {MANIFEST}: missing, or an encode that was "
+                             f"stopped); create one with `parti encode`")
+        self.manifest = _read_manifest(self.root)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise PartiError(f"cache {self.root} has no {split!r} split; it has {sorted(splits)}")
         self.codes, self.captions, self.text, self.text_len = [], [], [], []
-        for shard in self.manifest["splits"][split]["shards"]:
-            k = shard["index"]
-            self.codes.append(np.load(folder / f"codes_{k:05d}.npy", mmap_mode="r", allow_pickle=False))
-            lines = (folder / f"captions_{k:05d}.jsonl").read_text().splitlines()
-            self.captions.extend(json.loads(line) for line in lines)
+        for shard in splits[split]["shards"]:
+            codes, captions, text, text_len = _load_shard(self.root, split, shard, self.manifest, verify=verify)
+            self.codes.append(codes)
+            self.captions.extend(captions)
             if self.has_text:
-                self.text.append(np.load(folder / f"text_{k:05d}.npy", mmap_mode="r", allow_pickle=False))
-                self.text_len.append(np.load(folder / f"text_len_{k:05d}.npy", allow_pickle=False))
+                self.text.append(text)
+                self.text_len.append(text_len)
         self.offsets = np.cumsum([0] + [len(c) for c in self.codes])
+        if int(self.offsets[-1]) != splits[split]["count"]:
+            raise _corrupt(self.root, f"the {split} split has {int(self.offsets[-1])} items, the manifest says "
+                                      f"{splits[split]['count']}")
 
     @property
     def has_text(self) -> bool:
         return self.manifest.get("text_encoder") is not None
 
-    def check(self, *, tokenizer_fingerprint: str, text_identity: dict | None, holdout: bool | None = None) -> None:
+    def check(self, *, tokenizer_fingerprint: str, text_identity: dict | None, holdout: bool | None = None,
+              grid_size: int | None = None, num_codes: int | None = None) -> None:
         """Refuse the cache if it was made by another tokenizer or T5 than the ones given, or (holdout not
-        None) with the held-out synthetic pairs left in when they should be out, or the other way round."""
+        None) with the held-out synthetic pairs left in when they should be out, or the other way round,
+        or (grid_size / num_codes given: the tokenizer's) with codes of another grid or codebook."""
         made_holdout = bool(self.manifest.get("holdout", False))
         if holdout is not None and made_holdout != holdout:
             raise PartiError(f"cache {self.root} was encoded {'with' if made_holdout else 'without'} --holdout, but "
@@ -158,6 +242,10 @@ class CodeCache(Dataset):
         if made != tokenizer_fingerprint:
             raise PartiError(f"cache {self.root} was made with tokenizer {made}, not {tokenizer_fingerprint}; "
                              f"re-run `parti encode` with this tokenizer")
+        for key, want in (("grid_size", grid_size), ("num_codes", num_codes)):
+            if want is not None and self.manifest[key] != want:
+                raise PartiError(f"cache {self.root} holds codes with {key} {self.manifest[key]}, the tokenizer has "
+                                 f"{want}; re-run `parti encode` with this tokenizer")
         if text_identity is not None and self.manifest.get("text_encoder") != text_identity:
             raise PartiError(f"cache {self.root} holds text states of {self.manifest.get('text_encoder')}, "
                              f"not {text_identity}; re-run `parti encode --text-encoder ...`")
@@ -173,6 +261,115 @@ class CodeCache(Dataset):
             n = int(self.text_len[s][j])
             item["text"] = torch.from_numpy(np.array(self.text[s][j, :n]))
         return item
+
+
+def _corrupt(root: Path, detail: str) -> PartiError:
+    return PartiError(f"cache {root} is damaged or was edited: {detail}; re-run `parti encode` to rebuild it")
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json with every field the loader relies on checked for type and range."""
+    m = read_json(root / MANIFEST)
+    if m.get("kind") != "code_cache":
+        raise _corrupt(root, f"{MANIFEST} is not a code cache manifest (kind {m.get('kind')!r})")
+    if m.get("version") != MANIFEST_VERSION:
+        raise PartiError(f"cache {root} was written by an older parti (manifest version {m.get('version')}, this "
+                         f"one reads {MANIFEST_VERSION}); re-run `parti encode` to rebuild it")
+    if not isinstance(m.get("tokenizer_fingerprint"), str):
+        raise _corrupt(root, "the manifest names no tokenizer fingerprint")
+    if not (_is_int(m.get("grid_size"), 1, 256) and _is_int(m.get("num_codes"), 2, 65536)):
+        raise _corrupt(root, f"grid_size {m.get('grid_size')!r} / num_codes {m.get('num_codes')!r} are out of range")
+    if m.get("text_encoder") is not None and not _is_int(m.get("text_dim"), 1, 16384):
+        raise _corrupt(root, f"text_dim {m.get('text_dim')!r} is not a width")
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise _corrupt(root, f"{MANIFEST} has no 'splits'")
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if name not in SPLITS or not isinstance(shards, list) or not _is_int(split.get("count"), 0, 2**40):
+            raise _corrupt(root, f"split {name!r} of the manifest is malformed")
+        for k, shard in enumerate(shards):
+            if not (isinstance(shard, dict) and shard.get("index") == k and _is_int(shard.get("n"), 1, 2**40)
+                    and isinstance(shard.get("files"), dict)):
+                raise _corrupt(root, f"shard {k} of split {name!r} is malformed in the manifest")
+    return m
+
+
+def _load_shard(root: Path, split: str, shard: dict[str, Any], m: dict[str, Any], *,
+                verify: bool) -> tuple[np.ndarray, list[str], np.ndarray | None, np.ndarray | None]:
+    """(codes (n, T) uint16 memmap, n captions, text (n, L, D) memmap | None, text_len (n,) | None)."""
+    k, n = shard["index"], shard["n"]
+    folder = root / split
+    kinds = ("codes", "captions", "text", "text_len") if m.get("text_encoder") is not None else ("codes", "captions")
+    for kind in kinds:
+        _check_file(root, folder / _shard_name(kind, k), shard["files"].get(_shard_name(kind, k)), verify=verify)
+    tokens = m["grid_size"] ** 2
+    codes = _open_npy(root, folder / _shard_name("codes", k))
+    if codes.dtype != np.uint16 or codes.shape != (n, tokens):
+        raise _corrupt(root, f"{split}/{_shard_name('codes', k)} holds {codes.dtype} codes of shape {codes.shape}, "
+                             f"not ({n}, {tokens}) uint16 ({m['grid_size']}x{m['grid_size']} codes per image)")
+    if n and int(codes.max()) >= m["num_codes"]:
+        raise _corrupt(root, f"{split}/{_shard_name('codes', k)} holds code {int(codes.max())}, outside the "
+                             f"tokenizer's {m['num_codes']} codes")
+    captions = _read_captions(root, folder / _shard_name("captions", k), n)
+    if m.get("text_encoder") is None:
+        return codes, captions, None, None
+    text = _open_npy(root, folder / _shard_name("text", k))
+    lengths = _open_npy(root, folder / _shard_name("text_len", k))
+    if text.ndim != 3 or text.shape[0] != n or text.shape[2] != m["text_dim"] or text.dtype != np.float16:
+        raise _corrupt(root, f"{split}/{_shard_name('text', k)} has shape {text.shape} {text.dtype}, not "
+                             f"({n}, L, {m['text_dim']}) float16")
+    if lengths.shape != (n,) or lengths.dtype != np.int32:
+        raise _corrupt(root, f"{split}/{_shard_name('text_len', k)} has shape {lengths.shape}, not ({n},) int32")
+    lengths = np.array(lengths)
+    if n and (lengths.min() < 1 or lengths.max() > text.shape[1]):
+        raise _corrupt(root, f"{split}/{_shard_name('text_len', k)} holds lengths outside [1, {text.shape[1]}]")
+    return codes, captions, text, lengths
+
+
+def _check_file(root: Path, path: Path, record: Any, *, verify: bool) -> None:
+    name = f"{path.parent.name}/{path.name}"
+    if not (isinstance(record, dict) and _is_int(record.get("bytes"), 0, 2**50) and isinstance(record.get("sha256"), str)):
+        raise _corrupt(root, f"the manifest does not list {name} with its size and checksum")
+    if not path.is_file():
+        raise _corrupt(root, f"{name} is missing")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise _corrupt(root, f"{name} has {size} bytes, the manifest says {record['bytes']} (truncated or replaced)")
+    if verify and _file_record(path)["sha256"] != record["sha256"]:
+        raise _corrupt(root, f"{name} does not match its checksum in the manifest (changed after encoding)")
+
+
+def _open_npy(root: Path, path: Path) -> np.ndarray:
+    """Memory-map a .npy; pickled object arrays, truncated files and impossible headers are refused."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise _corrupt(root, f"{path.parent.name}/{path.name} is not a readable array file ({e})") from None
+
+
+def _read_captions(root: Path, path: Path, n: int) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _corrupt(root, f"{path.parent.name}/{path.name} is unreadable ({e})") from None
+    if len(lines) != n:
+        raise _corrupt(root, f"{path.parent.name}/{path.name} has {len(lines)} captions for {n} images; every "
+                             f"caption after a missing line would belong to the wrong image")
+    captions = []
+    for number, line in enumerate(lines, 1):
+        try:
+            caption = json.loads(line)
+        except ValueError:
+            caption = None
+        if not isinstance(caption, str):
+            raise _corrupt(root, f"line {number} of {path.parent.name}/{path.name} is not a JSON string")
+        captions.append(caption)
+    return captions
 
 
 def collate_codes(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,18 +1,26 @@
 """Self-describing checkpoint folders: `config.json` + `model.safetensors`, written atomically.
 
 Nothing here unpickles. A folder is loaded from itself alone: the config names the model kind
-("tokenizer", "generator", ...) and its dataclass fields; weights load strictly.
+("tokenizer", "generator", ...) and its dataclass fields; weights load strictly. Nothing read is trusted:
+`config_from_dict` bounds every model field (parti.validate) and `load_model_weights` compares the
+weights' header with the shapes the config implies before reading a tensor, then refuses non-finite
+weights and weights that are not the ones the config's fingerprint names. `atomic_export` makes a
+whole export (generator + tokenizer/ + text_encoder/) appear complete or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +38,19 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # First bytes of pickle streams (protocol 2+) and of torch.save's zip archives: named in the error only.
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
+MODEL_KINDS = ("tokenizer", "generator", "text_encoder")
+# Top-level keys of config.json beyond kind/config/fingerprint, per kind: any other key is an edit or
+# another tool's file. A new key the trainers record must be added here (saving refuses unknown ones).
+EXTRA_KEYS = {"tokenizer": (), "text_encoder": ("tokenizer_fingerprint",),
+              "generator": ("tokenizer_fingerprint", "text_encoder", "text_encoder_source", "data")}
+# safetensors header dtype names of the torch dtypes our models hold.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+EXPORT_STAGING, EXPORT_READY = ".export.staging", ".export.ready"  # atomic_export's folders inside the target
+EXPORT_OLD = ".export.old"
+RESUME_HINT = "if a training run was stopped while exporting, run it again with --resume to rewrite the export"
+
 T = TypeVar("T")
 
 
@@ -40,7 +61,12 @@ def parti_home() -> Path:
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], *, what: str) -> T:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types are errors, never ignored."""
+    """Build dataclass `cls` from `data`; unknown keys, wrong types and non-finite numbers are errors, never
+    ignored. Model configs are also bounded field by field and by size (parti.validate)."""
+    from parti.validate import check_model_config
+
+    if not isinstance(data, dict):
+        raise PartiError(f"{what}: the config must be a JSON object, got {type(data).__name__} {data!r:.40}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -56,9 +82,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any], *, what: str) -> T:
                 raise PartiError(f"{what}: config key {name!r} must be {type(default).__name__}, got {value!r}")
             if isinstance(default, float):
                 value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):  # JSON parsers accept NaN and Infinity
+            raise PartiError(f"{what}: config key {name!r} must be finite, got {value!r}")
         if isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
+    check_model_config(cls.__name__, kwargs, what=what)
     return cls(**kwargs)
 
 
@@ -68,12 +97,14 @@ def _atomic_write(path: Path, write) -> None:
     A kill at any moment leaves either the old file or the new one, never a mix; a full disk (or any
     write error) is a PartiError and the old file stays as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     umask = os.umask(0)
     os.umask(umask)
     try:
+        # Inside the try: a read-only --out, one under a file or under /proc is the same one-line error.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with open(tmp, "rb+") as f:
@@ -81,12 +112,19 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # the rename itself survives a power cut
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
-        Path(tmp).unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0] or type(e).__name__
+        _unlink_quietly(tmp)
+        lines = str(e).strip().splitlines()
+        reason = getattr(e, "strerror", None) or (lines[0] if lines else "") or type(e).__name__
         raise PartiError(f"could not write {path}: {reason}; free disk space or choose another --out") from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -113,7 +151,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise PartiError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # unreadable (permissions), a folder, an I/O error
+        raise PartiError(f"could not read {path}: {e.strerror or e}; check the file and its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PartiError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
     if not isinstance(data, dict):
         raise PartiError(f"{path} must hold a JSON object")
@@ -191,16 +231,23 @@ def _weights_metadata(folder: Path) -> dict[str, str] | None:
 
 
 def check_folder(folder: str | Path, kind: str) -> dict[str, Any]:
-    """Read and validate `folder/config.json` for a model of `kind`; return the config dict."""
+    """Read and validate `folder/config.json` for a model of `kind`; return the config dict.
+
+    Refused with one line: a missing folder or config, another kind, top-level keys parti does not write,
+    a "config" that is not an object, and an export that a kill interrupted (it says to --resume).
+    """
     folder = Path(folder)
     if folder.is_file():
         hint = " (pickle files are never loaded)" if folder.suffix in PICKLE_SUFFIXES else ""
         raise PartiError(f"{folder} is a file; give the checkpoint folder holding {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+    _refuse_torn_export(folder)
     if not folder.is_dir():
-        raise PartiError(f"checkpoint folder {folder} does not exist")
+        hint = f"; {RESUME_HINT}" if _inside_export(folder) else ""
+        raise PartiError(f"checkpoint folder {folder} does not exist{hint}")
     if not (folder / CONFIG_NAME).exists():
         have = sorted(p.name for p in folder.iterdir())[:10]
-        raise PartiError(f"{folder} has no {CONFIG_NAME} (it holds {have}); is this a parti checkpoint folder?")
+        hint = f"; {RESUME_HINT}" if (folder / "run.json").exists() else ""
+        raise PartiError(f"{folder} has no {CONFIG_NAME} (it holds {have}); is this a parti checkpoint folder?{hint}")
     config = read_json(folder / CONFIG_NAME)
     # model.safetensors carries a copy of config.json and is renamed into place first: when a save was
     # killed between the two renames, the weights' copy is the newer one and describes them exactly.
@@ -216,7 +263,17 @@ def check_folder(folder: str | Path, kind: str) -> dict[str, Any]:
             config = embedded
     found = config.get("kind")
     if found != kind:
-        raise PartiError(f"{folder} holds a {found or 'unknown'} checkpoint, not a {kind}; pass a {kind} folder")
+        found = found if isinstance(found, str) and found in MODEL_KINDS else "unknown"
+        raise PartiError(f"{folder} holds a {found} checkpoint, not a {kind}; pass a {kind} folder")
+    unknown = sorted(set(config) - {"kind", "config", "fingerprint", *EXTRA_KEYS[kind]})
+    if unknown:
+        raise PartiError(f"{folder}/{CONFIG_NAME}: unknown top-level keys {unknown}; the file was edited or is "
+                         f"not parti's (re-save the model)")
+    if not isinstance(config.get("config"), dict):
+        raise PartiError(f"{folder}/{CONFIG_NAME}: 'config' must be an object of model settings, got "
+                         f"{config.get('config')!r:.40}; the file is corrupt or not parti's")
+    if not isinstance(config.get("fingerprint", ""), str):
+        raise PartiError(f"{folder}/{CONFIG_NAME}: 'fingerprint' must be a string; the file is corrupt")
     return config
 
 
@@ -227,6 +284,9 @@ def save_model(folder: str | Path, kind: str, config: Any, model: torch.nn.Modul
     the commit point: a kill between the two renames leaves a folder `check_folder` still reads exactly.
     """
     folder = Path(folder)
+    unknown = sorted(set(extra or {}) - set(EXTRA_KEYS[kind]))
+    if unknown:  # a programming error: loading would refuse the folder
+        raise ValueError(f"save_model: keys {unknown} are not in checkpoint.EXTRA_KEYS[{kind!r}]; add them there")
     state = model.state_dict()
     data = {"kind": kind, "config": dataclasses.asdict(config), **(extra or {})}
     data["fingerprint"] = fingerprint_state(state)
@@ -238,14 +298,160 @@ def save_model(folder: str | Path, kind: str, config: Any, model: torch.nn.Modul
 
 
 def load_state(folder: str | Path, model: torch.nn.Module) -> None:
-    """Load folder/model.safetensors into `model` strictly; mismatches are a clear error."""
+    """Load folder/model.safetensors into `model` strictly; mismatches are a clear error.
+    Prefer `load_model_weights`, which checks the file before the model is built."""
     path = Path(folder) / WEIGHTS_NAME
     state = read_tensors(path)
+    _check_finite(state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise PartiError(f"{path} does not match its config.json ({first}); the folder is inconsistent") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading weights that were checked before anything is allocated
+
+
+def load_model_weights(folder: str | Path, build: Callable[[], torch.nn.Module], *, fingerprint: str | None,
+                       max_bytes: int | None = None) -> torch.nn.Module:
+    """Build the model with `build()` and load folder/model.safetensors into it, strictly, on CPU.
+
+    Before any real allocation the model is built on the `meta` device: its parameter bytes are bounded
+    (`max_bytes`, default parti.validate.MAX_PARAM_BYTES) and the file's header (names, shapes, dtypes) must
+    equal the state dict's. Then the tensors are read, must be finite, and must hash to `fingerprint`
+    (the config's; None skips that check), so weights swapped under a config are refused.
+    """
+    from parti.validate import MAX_PARAM_BYTES
+
+    path = Path(folder) / WEIGHTS_NAME
+    with torch.device("meta"):
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in build().state_dict().items()}
+    limit = MAX_PARAM_BYTES if max_bytes is None else max_bytes
+    total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
+    if total > limit:
+        raise PartiError(f"{path.parent}/{CONFIG_NAME} describes a model of {total / 2**30:.1f} GiB, above the "
+                         f"{limit / 2**30:.0f} GiB limit; the config is corrupt or not parti's")
+    _check_header(path, expected)
+    state = read_tensors(path)
+    _check_finite(state, path)
+    if fingerprint is not None and fingerprint_state(state) != fingerprint:
+        raise PartiError(f"{path} is not the weights its {CONFIG_NAME} describes (their fingerprint differs); "
+                         f"the weights were replaced: restore them or re-save the model")
+    model = build()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # the header check makes this unreachable short of a library change
+        raise PartiError(f"{path} does not match its config.json ({str(e).splitlines()[-1].strip()})") from None
+    return model
+
+
+def _check_header(path: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """The safetensors header alone (no tensor read) must name exactly `expected`'s tensors and shapes."""
+    if path.suffix in PICKLE_SUFFIXES or not path.exists() or _looks_pickled(path):
+        read_tensors(path)  # raises the right one-line error (missing, pickle)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PartiError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated") from None
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise PartiError(f"{path} does not match its config.json (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); the folder is inconsistent")
+    for name, (shape, dtype) in expected.items():
+        found_shape, found_dtype = header[name]
+        if found_shape != shape:
+            raise PartiError(f"{path} does not match its config.json ({name} has shape {list(found_shape)}, the "
+                             f"config implies {list(shape)}); the folder is inconsistent")
+        if found_dtype != SAFETENSORS_DTYPES.get(dtype, str(dtype)):
+            raise PartiError(f"{path}: {name} is stored as {found_dtype}, the model needs "
+                             f"{SAFETENSORS_DTYPES.get(dtype, dtype)}; the weights were converted: re-save them")
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PartiError(f"{path}: {name} holds NaN or inf values; the weights are corrupt (a diverged run "
+                             f"or a damaged file): use an earlier checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole exports: complete or absent
+
+
+@contextlib.contextmanager
+def atomic_export(folder: str | Path) -> Iterator[Path]:
+    """Write an export into the yielded staging folder; on a clean exit its entries replace `folder`'s.
+
+        with atomic_export(run_dir) as stage:
+            save_text_encoder(encoder, stage / "text_encoder")
+            save_generator(generator, stage, extra=...)
+
+    Entries of `folder` not written to the stage (run.json, checkpoints/, a tokenizer/ left as it is)
+    are untouched. The staging folder is renamed to `.export.ready` once complete: that rename is the
+    commit point. Each entry is then swapped in by renames (config.json last), and a kill during the swap
+    is finished by the next `atomic_export` or `finish_export`; until then loaders refuse the folder with
+    a one-line error that says to --resume. An error or kill before the commit leaves the old export.
+    """
+    folder = Path(folder)
+    finish_export(folder)
+    stage = folder / EXPORT_STAGING
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    except OSError as e:
+        raise PartiError(f"could not write {folder}: {e.strerror or e}; free disk space or choose another --out") from e
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_tree(stage)
+    os.replace(stage, folder / EXPORT_READY)  # the commit point
+    _fsync_dir(folder)
+    finish_export(folder)
+
+
+def finish_export(folder: str | Path) -> None:
+    """Complete an export that a kill interrupted after its commit point; drop an uncommitted stage."""
+    folder = Path(folder)
+    shutil.rmtree(folder / EXPORT_STAGING, ignore_errors=True)
+    ready, old = folder / EXPORT_READY, folder / EXPORT_OLD
+    if ready.is_dir():
+        old.mkdir(exist_ok=True)
+        names = sorted(p.name for p in ready.iterdir())
+        for name in sorted(names, key=lambda n: n == CONFIG_NAME):  # config.json last: it names the whole
+            target = folder / name
+            if target.exists() or target.is_symlink():
+                shutil.rmtree(old / name, ignore_errors=True)
+                os.replace(target, old / name)
+            os.replace(ready / name, target)
+        _fsync_dir(folder)
+        ready.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _refuse_torn_export(folder: Path) -> None:
+    for candidate in (folder, folder.parent):
+        if (candidate / EXPORT_READY).is_dir():
+            raise PartiError(f"the export in {candidate} was interrupted and is incomplete; {RESUME_HINT}")
+
+
+def _inside_export(folder: Path) -> bool:
+    """`folder` is a tokenizer/ or text_encoder/ entry of an export (its parent holds a generator config)."""
+    return folder.name in ("tokenizer", "text_encoder") and (folder.parent / CONFIG_NAME).is_file()
 
 
 def fingerprint_state(state: dict[str, torch.Tensor]) -> str:

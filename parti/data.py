@@ -175,20 +175,40 @@ class FolderSource(ImageSource):
 
 
 class TableSource(ImageSource):
-    """Rows of a `datasets.Dataset` (hub, parquet or imagefolder); `rows` maps item -> table row."""
+    """Rows of a `datasets.Dataset` (hub, parquet or imagefolder); `rows` maps item -> table row.
+
+    A cell that names a file is read only when the file lies under one of `roots` (the dataset's folder,
+    or the datasets/hub caches for hf: datasets): a table is input, and a column of absolute paths must
+    not turn training into a reader of any local file.
+    """
 
     def __init__(self, table: Any, rows: np.ndarray, *, image_column: str, caption_column: str | None, name: str,
-                 split: str, image_size: int):
+                 split: str, image_size: int, roots: tuple[Path, ...] = ()):
         super().__init__(name=name, split=split, image_size=image_size, has_captions=caption_column is not None)
         self.table, self.rows = table, rows
         self.image_column, self.caption_column = image_column, caption_column
+        # Compared lexically (no symlinks followed: a dataset may link its images in), as given and resolved.
+        self.roots = tuple(dict.fromkeys(Path(f(str(r))) for r in roots for f in (os.path.abspath, os.path.realpath)))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _load(self, index: int) -> tuple[Image.Image, str | None, dict]:
         row = self.table[int(self.rows[index])]
-        return _open_image(row[self.image_column]), _caption(row, self.caption_column), {}
+        return _open_image(self._confined(row[self.image_column])), _caption(row, self.caption_column), {}
+
+    def _confined(self, value: Any) -> Any:
+        """`value` unchanged when it holds bytes or a path inside `roots`; a path elsewhere is a PartiError."""
+        path = value.get("path") if isinstance(value, dict) and not value.get("bytes") else value
+        if not isinstance(path, (str, os.PathLike)):
+            return value
+        base = self.roots[0] if self.roots else Path.cwd()
+        resolved = Path(os.path.normpath(base / Path(path).expanduser()))  # an absolute path replaces the base
+        if not any(resolved == r or r in resolved.parents for r in self.roots):
+            raise PartiError(f"{self.name}: column {self.image_column!r} names the file {path}, outside the "
+                             f"dataset's folder; parti reads only images inside it (store bytes, or paths "
+                             f"relative to the dataset)")
+        return {"bytes": None, "path": str(resolved)} if isinstance(value, dict) else str(resolved)
 
 
 class SyntheticSource(ImageSource):
@@ -299,10 +319,14 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
         raise PartiError(f"--holdout holds out (hair, background) pairs of the synthetic faces; it needs --data "
                          f"synthetic, not {spec!r}")
     if spec == "synthetic":
+        given = [f for f, v in (("--image-column", image_column), ("--caption-column", caption_column)) if v]
+        if given:
+            raise PartiError(f"{' and '.join(given)} name columns of a table; the synthetic faces have none: "
+                             f"drop {'them' if len(given) > 1 else 'it'} or pass a table with --data")
         return _open_synthetic(synthetic_length, seed, holdout, streaming, common)
     if spec.startswith("hf:"):
         tables = _load_tables(spec[3:], spec, streaming=streaming)
-        return _open_table(tables, spec[3:], spec, image_column, caption_column, common)
+        return _open_table(tables, spec[3:], spec, image_column, caption_column, common, roots=_hub_roots())
     path = Path(spec).expanduser()
     if not path.exists():
         raise PartiError(f"no such file or folder {spec!r}; pass 'synthetic', a folder of images, a .parquet "
@@ -317,7 +341,16 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
             return _open_folder(images, texts, spec, common)
         # imagefolder: captions and other columns come from the metadata file; else parquet shards
         tables = _load_tables("imagefolder" if metadata else "parquet", spec, streaming=streaming, data_dir=str(path))
-    return _open_table(tables, str(path), spec, image_column, caption_column, common)
+    root = path if path.is_dir() else path.parent
+    return _open_table(tables, str(path), spec, image_column, caption_column, common, roots=(root,))
+
+
+def _hub_roots() -> tuple[Path, ...]:
+    """Where files of a hub dataset live once downloaded: the datasets and hub caches."""
+    import datasets
+    from huggingface_hub import constants
+
+    return (Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE))
 
 
 def _load_tables(path: str, spec: str, *, streaming: bool, data_files: str | None = None,
@@ -411,7 +444,7 @@ def _load_row(image_column: str, caption_column: str | None, row: dict) -> tuple
 
 
 def _open_table(tables: Any, name: str, spec: str, image_column: str | None, caption_column: str | None,
-                common: dict) -> ImageSource:
+                common: dict, *, roots: tuple[Path, ...]) -> ImageSource:
     import datasets
 
     table, keep = _pick_split(tables, common["split"], spec)
@@ -444,7 +477,8 @@ def _open_table(tables: Any, name: str, spec: str, image_column: str | None, cap
     kept = all_rows if keep is None else all_rows[keep.mask(len(table))]
     if len(kept) == 0:
         raise PartiError(f"{spec!r} has no rows in its {common['split']} split ({len(table)} rows in all)")
-    source = TableSource(table, kept, image_column=image_column, caption_column=caption_column, name=spec, **common)
+    source = TableSource(table, kept, image_column=image_column, caption_column=caption_column, name=spec,
+                         roots=roots, **common)
     source._check_readable()
     return source
 

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from parti.checkpoint import parti_home, write_tensors
+from parti.checkpoint import parti_home, read_tensors, write_tensors
 from parti.errors import PartiError
 
 FID_WEIGHTS_URL = (
@@ -275,6 +274,12 @@ def _load_state(model: InceptionFeatures, state: dict[str, Tensor], *, source: s
             f"{unexpected[:3]}, wrong shape {wrong_shape[:3]}); pass pt_inception-2015-12-05-6726825d.pth "
             f"or its safetensors copy with --inception PATH"
         )
+    wrong_dtype = sorted(k for k in expected if expected[k].dtype != state[k].dtype)
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if wrong_dtype or nonfinite:
+        raise PartiError(f"{source} holds corrupt FID Inception weights (wrong dtype {wrong_dtype[:3]}, NaN/inf in "
+                         f"{nonfinite[:3]}); pass pt_inception-2015-12-05-6726825d.pth or its safetensors copy "
+                         f"with --inception PATH")
     model.load_state_dict(state, strict=True)
 
 
@@ -282,7 +287,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise PartiError(f"FID Inception weights not found at {path}; pass an existing file with --inception PATH")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        return read_tensors(path)  # a corrupt or truncated file is a one-line error, a pickle is refused unread
     if path.suffix in (".pth", ".pt"):
         # Third-party pickle: weights_only=True refuses anything but tensors and plain containers.
         try:

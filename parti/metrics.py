@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from scipy import linalg
 from torch import Tensor
 
@@ -173,7 +174,7 @@ def load_clip(name_or_path: str = "openai/clip-vit-base-patch32", *, device: str
     try:
         model = CLIPModel.from_pretrained(source)
         tokenizer = CLIPTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a corrupt weights file: SafetensorError
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PartiError(f"could not load CLIP {name_or_path!r} ({first_line}); {advice}") from err
     return model.to(device).eval().requires_grad_(False), tokenizer

@@ -8,6 +8,9 @@ A run folder looks like
       samples/          grids written during training (step_000200.png, ...)
       checkpoints/      model / training-state folders
 
+Nothing we write can destroy work: a run folder is ours only when it is missing, empty, or already one of
+our runs of the same stage (`claim_run_folder`); `RunLock` keeps a second training out of a folder in use;
+`check_output_not_inside` and `check_image_output` refuse outputs that would overwrite a model.
 Nothing here imports transformers or datasets: their versions come from package metadata.
 """
 
@@ -19,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from parti.checkpoint import read_json, write_json
+from parti.checkpoint import CONFIG_NAME, MODEL_KINDS, _atomic_write, read_json, write_json
 from parti.errors import PartiError
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,13 @@ METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
 VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "numpy", "parti")
+RUN_KIND = "parti_run"  # run.json's marker: a folder whose run.json lacks it is not ours to write
+LOCK_NAME = ".parti.lock"
+# What may sit in a run folder before its run.json exists: the code cache a generator run encodes first
+# and our own hidden files (the lock, an export's staging folder).
+PRE_RUN_ENTRIES = ("cache",)
+CACHE_ENTRIES = ("manifest.json", "train", "val")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def _now() -> str:
@@ -162,8 +173,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path, *, config: dict[str, Any], resume: bool, mixed_precision: str | None = None):
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise PartiError(f"--out {self.path} is a file; give a folder for the run")
+        claim_run_folder(self.path, stage=config.get("stage"))
         config = json.loads(json.dumps(config))  # JSON-normalised copy: tuples -> lists, caller's dict untouched
         precision = mixed_precision or choose_mixed_precision()
         entry = {
@@ -194,7 +204,8 @@ class RunFolder:
         else:
             data = None
         if data is None:
-            data = {"config": config, "started": entry.pop("time"), **entry, "resumes": []}
+            data = {"kind": RUN_KIND, "config": config, "started": entry.pop("time"), **entry, "resumes": []}
+        data["kind"] = RUN_KIND  # a run from before the marker existed gets it on resume
         for sub in (SAMPLES_DIR, CHECKPOINTS_DIR):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         write_json(run_json, data)
@@ -222,6 +233,259 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r}, resumed={self.resumed})"
+
+
+def is_parti_run(folder: str | Path) -> bool:
+    """`folder` holds a run.json written by RunFolder (with the marker, or an older one with its fields)."""
+    data = _read_run_json(Path(folder))
+    return data is not None
+
+
+def _read_run_json(folder: Path) -> dict[str, Any] | None:
+    """run.json when it is ours, else None (missing, unreadable, or another tool's run.json)."""
+    path = folder / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except PartiError:
+        return None
+    legacy = isinstance(data.get("config"), dict) and "started" in data and "versions" in data
+    return data if data.get("kind") == RUN_KIND or legacy else None
+
+
+def claim_run_folder(path: str | Path, *, stage: str | None) -> Path:
+    """Refuse, before anything is written, a --out that is not ours: a file, a folder of other files, a
+    run.json parti did not write, or a run of the other stage. Ours: missing, empty, holding only what a
+    run writes before its run.json (a code cache, our hidden files), or one of our runs of `stage`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PartiError(f"--out {path} is a file; give a folder for the run")
+    if not path.is_dir():
+        return path
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError as e:
+        raise PartiError(f"--out {path} cannot be read ({e.strerror or e}); choose another --out") from None
+    if RUN_JSON in entries:
+        data = _read_run_json(path)
+        if data is None:
+            raise PartiError(f"--out {path} holds a {RUN_JSON} that parti did not write; choose another --out "
+                             f"(parti never writes into a folder of other files)")
+        found = data.get("config", {}).get("stage")
+        if stage is not None and found not in (None, stage):
+            raise PartiError(f"{path} holds a {found} run, not a {stage} run; choose another --out")
+        return path
+    foreign = [n for n in entries if not n.startswith(".") and not (n in PRE_RUN_ENTRIES and _is_cache_dir(path / n))]
+    if foreign:
+        raise PartiError(f"--out {path} holds files that are not a parti run ({foreign[:5]}); choose an empty or "
+                         f"new folder (parti never writes into a folder of other files)")
+    return path
+
+
+def _is_cache_dir(folder: Path) -> bool:
+    return folder.is_dir() and all(p.name in CACHE_ENTRIES or p.name.startswith(".") for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One training per run folder
+
+
+class RunLock:
+    """An exclusive lock on a run folder: `with RunLock(run_dir): train...`.
+
+    The lock file (run_dir/.parti.lock) is created with O_EXCL and names the pid, host, boot and start
+    time. A live holder is a one-line PartiError naming its pid; a lock left by a dead process on this
+    host (or by an earlier boot) is taken over. Take-overs are serialised by a second O_EXCL file, so two
+    starters never both remove a stale lock and both proceed.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.held = False
+        self._mine: dict[str, Any] = {}
+
+    def acquire(self) -> RunLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PartiError(f"could not create {self.folder}: {e.strerror or e}; choose another --out") from None
+        self._mine = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(), "started": _now(),
+                      "argv": list(sys.argv)}
+        for _ in range(5):
+            if self._create():
+                self.held = True
+                return self
+            holder = _read_lock(self.path)
+            if holder is not None and not _lock_is_stale(holder):
+                raise PartiError(f"{self.folder} is in use by another training (pid {holder.get('pid')} on "
+                                 f"{holder.get('host')}, since {holder.get('started')}); wait for it or stop it, or "
+                                 f"choose another --out")
+            if holder is None and _age(self.path) < 30:
+                continue  # being written by a starter right now (O_EXCL create, then write): look again
+            self._take_over(holder)
+        raise PartiError(f"could not lock {self.folder}: another process keeps taking {self.path}; try again")
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise PartiError(f"could not write {self.path}: {e.strerror or e}; choose another --out") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self._mine) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _take_over(self, stale: dict[str, Any] | None) -> None:
+        """Remove the stale lock `stale` (None: unreadable and old) unless someone else already did."""
+        guard = self.path.with_name(LOCK_NAME + ".takeover")
+        if guard.exists() and _age(guard) > 60:  # a take-over killed half-way
+            guard.unlink(missing_ok=True)
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            time.sleep(0.05)
+            return
+        try:
+            if _read_lock(self.path) == stale:  # still the stale one, not a lock taken since
+                log.warning("taking over the stale lock %s left by pid %s", self.path, (stale or {}).get("pid"))
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held and _read_lock(self.path) == self._mine:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _lock_is_stale(holder: dict[str, Any]) -> bool:
+    """Only a lock of this host can be judged: its pid is gone, or it predates this boot."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    if holder.get("boot") is not None and _boot_id() is not None and holder["boot"] != _boot_id():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs that must not overwrite a model
+
+
+def _model_kind(folder: Path) -> str | None:
+    """The model kind of folder/config.json when it is a parti model's, else None."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        kind = read_json(path).get("kind")
+    except PartiError:
+        return None
+    return kind if kind in MODEL_KINDS else None
+
+
+def check_output_not_inside(out: str | Path, *protected: str | Path | None, what: str = "--out") -> None:
+    """Refuse `out` when it equals or lies inside one of `protected` (the --tokenizer folder a run reads,
+    say), or equals or lies inside a folder holding a parti model that is not this run: writing there
+    would overwrite an export another model depends on (`train-tokenizer --out GEN/tokenizer`)."""
+    target = Path(out).expanduser().resolve()
+    for p in protected:
+        if p is None:
+            continue
+        guarded = Path(p).expanduser().resolve()
+        if target == guarded or guarded in target.parents:
+            raise PartiError(f"{what} {out} is {'' if target == guarded else 'inside '}{p}, which this command "
+                             f"reads; writing there would overwrite it: choose another {what}")
+    for folder in (target, *target.parents):
+        kind = _model_kind(folder)
+        if kind is None or (folder == target and is_parti_run(folder)):
+            continue  # an --out that is already this run may hold its own export
+        where = "the" if folder == target else "inside the"
+        raise PartiError(f"{what} {out} is {where} {kind} folder {folder}; writing there would overwrite a model "
+                         f"others depend on: choose another {what}")
+
+
+def check_image_output(path: str | Path) -> str:
+    """The PIL format for an image output `path` (.png, .jpg/.jpeg, .webp), or a one-line PartiError when
+    writing it could destroy something: a folder, an existing file that is not an image, a path in a
+    checkpoint folder (next to its config.json, or in its tokenizer/, text_encoder/ or checkpoints/)."""
+    p = Path(path).expanduser()
+    fmt = IMAGE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise PartiError(f"--out {path} must end in {', '.join(IMAGE_FORMATS)}; the suffix picks the image format")
+    if p.is_dir():
+        raise PartiError(f"--out {path} is a folder; give an image file name")
+    parent = p.resolve().parent
+    for folder in (parent, *parent.parents):
+        inner = parent.relative_to(folder).parts if folder != parent else ()
+        if _model_kind(folder) is not None and (folder == parent or inner[0] in ("tokenizer", "text_encoder",
+                                                                                  CHECKPOINTS_DIR)):
+            raise PartiError(f"--out {path} is inside the checkpoint folder {folder}; write images elsewhere "
+                             f"(its {SAMPLES_DIR}/ folder is fine)")
+    if p.exists() and not _is_image(p):
+        raise PartiError(f"--out {path} exists and is not an image; parti only replaces image files")
+    return fmt
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # PIL raises many types for non-images
+        return False
+
+
+def save_image(image: Any, path: str | Path) -> Path:
+    """Write PIL `image` atomically in the format `path`'s suffix names (checked by check_image_output)."""
+    fmt = check_image_output(path)
+    if fmt == "JPEG" and image.mode != "RGB":
+        image = image.convert("RGB")  # JPEG holds no alpha
+    _atomic_write(Path(path).expanduser(), lambda tmp: image.save(tmp, format=fmt))
+    return Path(path)
 
 
 def _describe(changes: dict[str, list[Any]], limit: int = 4) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_state, save_model
+from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_model_weights, save_model
 from parti.errors import PartiError
 
 T5_ALIASES = {f"t5-{s}": f"google-t5/t5-{s}" for s in ("small", "base", "large", "3b", "11b")}
@@ -164,6 +164,9 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, 
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel  # heavy import, only when loading
 
     _check_max_length(max_length)
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise PartiError(f"no T5 named (got {name_or_path!r}): the generator's config.json does not record its text "
+                         "encoder; pass the T5 it was trained with (--text-encoder-path PATH)")
     path = Path(name_or_path).expanduser()
     is_local = path.is_dir()
     if not is_local and (name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path
@@ -184,7 +187,7 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, 
         raise
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        where = f"from folder {name}: {reason}" if is_local else f"{name_or_path!r} (offline?)"
+        where = f"from folder {name}: {reason}" if is_local else f"{name_or_path!r} (no such folder here; offline?)"
         raise PartiError(f"could not load T5 {where}; pass a local folder with --text-encoder PATH") from e
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise PartiError(f"the tokenizer of {name_or_path} has no pad or eos token; is this a T5 tokenizer?")
@@ -277,6 +280,8 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
     """Train a unigram sentencepiece model in memory on `captions`; same captions -> same bytes."""
     import sentencepiece as spm
 
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 3 < vocab_size <= 1_000_000:
+        raise PartiError(f"vocab_size must be an integer in [4, 1000000] (pad, eos and unk take 3), got {vocab_size!r}")
     lines = [c for c in captions if isinstance(c, str) and c.strip()]
     if not lines:
         raise PartiError("train_sentencepiece needs non-empty captions; check the dataset's caption files")
@@ -290,8 +295,12 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
             character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",  # NFKC + lower-case
             hard_vocab_limit=False,  # a small caption set may support fewer pieces than asked: fine
             minloglevel=2)
-    except RuntimeError as e:
-        reason = str(e).split("] ", 1)[-1].splitlines()[0]
+    except RuntimeError as e:  # sentencepiece's messages: "INTERNAL: file.cc(827) [check] reason"
+        lines = (str(e).split("] ", 1)[-1].strip() or str(e).strip()).splitlines()
+        reason = lines[0] if lines else type(e).__name__
+        if "all_chars_count" in str(e):  # every caption is empty once normalised (zero-width characters, ...)
+            raise PartiError("train_sentencepiece needs non-empty captions; these hold no characters once "
+                             "normalised: check the dataset's caption files") from None
         raise PartiError(f"could not train sentencepiece with vocab_size={vocab_size}: {reason}") from None
     return buf.getvalue()
 
@@ -420,12 +429,7 @@ def save_text_encoder(encoder: TrainableTextEncoder, folder: str | Path) -> Path
 def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu") -> TrainableTextEncoder:
     """Load what `save_text_encoder` wrote, strictly: unknown keys, missing files or mismatches are errors."""
     folder = Path(folder)
-    data = check_folder(folder, KIND)
-    unknown = sorted(set(data) - {"kind", "config", "fingerprint", "tokenizer_fingerprint"})
-    if unknown:
-        raise PartiError(f"{folder}/config.json: unknown keys {unknown}; the file was edited or is not parti's")
-    if not isinstance(data.get("config"), dict):
-        raise PartiError(f"{folder}/config.json has no 'config' object; the folder is not a saved text encoder")
+    data = check_folder(folder, KIND)  # unknown top-level keys and a non-object "config" are refused there
     config = config_from_dict(TextEncoderConfig, data["config"], what=f"{folder}/config.json")
     if config.tokenizer == "sentencepiece":
         tok = SentencePieceTokenizer(folder / SPM_NAME, max_length=config.max_length)
@@ -434,10 +438,8 @@ def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu")
     if data.get("tokenizer_fingerprint") != tok.fingerprint():
         raise PartiError(f"{folder}: the tokenizer does not match the one the encoder was saved with; "
                          f"restore the original {SPM_NAME}")
-    encoder = TrainableTextEncoder(config, tokenizer=tok)
-    load_state(folder, encoder)
-    if "fingerprint" in data and fingerprint_state(encoder.state_dict()) != data["fingerprint"]:
-        raise PartiError(f"{folder}/model.safetensors does not match the fingerprint in config.json; re-save it")
+    encoder = load_model_weights(folder, lambda: TrainableTextEncoder(config, tokenizer=tok),
+                                 fingerprint=data.get("fingerprint"))
     return encoder.to(device)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_state, save_model
+from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_model_weights, save_model
 from parti.errors import PartiError
 from parti.hub import resolve_checkpoint
 from parti.layers import Block, init_weights
@@ -238,10 +238,13 @@ def save_tokenizer(model: VQTokenizer, folder: str | Path) -> Path:
 
 
 def load_tokenizer(folder: str | Path, *, device: str | torch.device = "cpu", revision: str | None = None) -> VQTokenizer:
-    """Rebuild a tokenizer from its folder alone (config.json + model.safetensors), strictly, in eval mode."""
-    folder = resolve_checkpoint(folder, revision=revision)  # a Hub repo id 'user/name[@rev]' -> its cached folder
+    """Rebuild a tokenizer from its folder alone (config.json + model.safetensors), strictly, in eval mode.
+    The config is bounded and the weights checked against it before the model is built; the recorded
+    fingerprint is verified against the weights, so a cache or generator check on it is a check of them.
+    A Hub repo id ('user/name[@rev]') loads from its cached snapshot folder."""
+    folder = resolve_checkpoint(folder, revision=revision)
     data = check_folder(folder, "tokenizer")
-    model = VQTokenizer(config_from_dict(TokenizerConfig, data.get("config", {}), what=f"{folder}/config.json"))
-    load_state(folder, model)
+    config = config_from_dict(TokenizerConfig, data["config"], what=f"{folder}/config.json")
+    model = load_model_weights(folder, lambda: VQTokenizer(config), fingerprint=data.get("fingerprint"))
     model._fingerprint = data.get("fingerprint") or None
     return model.to(device).eval()
