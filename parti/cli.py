@@ -81,10 +81,12 @@ def cmd_train_generator(args) -> None:
 def cmd_encode(args) -> None:
     from parti import text
     from parti.cache import encode_dataset
+    from parti.device import default_device
 
-    encoder = None if args.text_encoder == "trainable" else text.load_t5(args.text_encoder, device=args.device or "cpu")
+    device = default_device(args.device)  # a frozen T5 on the GPU when there is one
+    encoder = None if args.text_encoder == "trainable" else text.load_t5(args.text_encoder, device=device)
     out = encode_dataset(data=args.data, tokenizer=args.tokenizer, out=args.out, text_encoder=encoder,
-                         batch_size=args.batch_size, device=args.device, synthetic_length=args.synthetic_length,
+                         batch_size=args.batch_size, device=device, synthetic_length=args.synthetic_length,
                          holdout=args.holdout, num_workers=args.num_workers, image_column=args.image_column,
                          caption_column=args.caption_column,
                          max_items=args.max_items)
@@ -94,11 +96,13 @@ def cmd_encode(args) -> None:
 def cmd_sample(args) -> None:
     from parti.pipeline import load_pipeline
     from parti.plots import sample_grid
+    from parti.runs import check_image_output
     from parti.sampling import SamplingParams
 
     if not args.prompt:
         raise_error("no prompts given; pass --prompt \"...\" (repeatable)")
     sampling = config_from_args(SamplingParams, args)
+    check_image_output(args.out)  # before minutes of sampling, and never over a checkpoint's files
     pipe = load_pipeline(args.checkpoint, device=args.device, text_encoder_path=args.text_encoder_path,
                          dtype=args.dtype)
     result = pipe(args.prompt, sampling, num_images_per_prompt=args.num_images, seed=args.seed)

@@ -33,7 +33,8 @@ from parti.batches import batch_stream
 from parti.distributed import make_accelerator, on_main, total_over_ranks
 from parti.errors import PartiError
 from parti.optim import NonFiniteGuard, lr_at, set_lr
-from parti.runs import MetricsLogger, RunFolder
+from parti.checkpoint import finish_export
+from parti.runs import MetricsLogger, RunFolder, RunLock, check_output_not_inside, claim_run_folder
 from parti.settings import check_settings, setting
 from parti.state import (Checkpoints, capture_rng, check_resumable, check_stage, remove_temporaries, restore_rng,
                          rng_untouched, seed_everything)
@@ -90,6 +91,11 @@ class Stage:
     name = ""
     may_skip_batches = False  # whether the data can yield an empty (all unreadable) batch, as None
 
+    @classmethod
+    def reads(cls, cfg: TrainConfig) -> tuple[str, ...]:
+        """Folders the run reads, which its --out must not overwrite (the generator's --tokenizer)."""
+        return ()
+
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Load weights and optimizer state from a checkpoint (the RNG and position are `fit`'s)."""
         raise NotImplementedError
@@ -139,10 +145,26 @@ class Position:
 
 
 def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
-    """Train `stage_cls` as `cfg` says; returns the run folder (`cfg.out`)."""
+    """Train `stage_cls` as `cfg` says; returns the run folder (`cfg.out`).
+
+    Before anything is written: --out must be ours (missing, empty, or a run of this stage), lie outside the
+    folders the run reads and outside every other model's folder, and not be in use by another training
+    (a lock file, taken over from a dead process)."""
     acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
     out = Path(cfg.out)
+    check_output_not_inside(out, *stage_cls.reads(cfg))
+    claim_run_folder(out, stage=stage_cls.name)
     check_stage(out, stage_cls.name, resume=cfg.resume)
+    lock = RunLock(out) if acc.is_main_process else None
+    on_main(acc, lambda: lock.acquire())
+    try:
+        return _fit(stage_cls, cfg, acc, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(stage_cls: type[Stage], cfg: TrainConfig, acc, out: Path) -> Path:
     seed_everything(cfg.seed)
     ckpts = Checkpoints(out, keep=cfg.keep_checkpoints)
     state = ckpts.latest() if cfg.resume else None  # before run.json changes: a refusal leaves no trace
@@ -166,7 +188,8 @@ def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
         metrics.truncate_after(at.step)
     if state is not None and acc.is_main_process:
         remove_temporaries(out)
-        _export(stage)  # rewrite an export a kill may have torn, from the checkpoint
+        finish_export(out)  # an export a kill interrupted after its commit point
+        _export(stage)  # and rewritten from the checkpoint, whatever a kill left
     try:
         _loop(stage, cfg, ckpts, metrics, at)
     finally:

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from parti.checkpoint import _atomic_write
 from parti.errors import PartiError
-from parti.runs import METRICS_NAME, SAMPLES_DIR, read_metrics
+from parti.runs import METRICS_NAME, SAMPLES_DIR, read_metrics, save_image
 
 FILL = 255  # white padding between tiles
 FONT_SIZE = 14
@@ -148,7 +148,7 @@ def _with_title(canvas: np.ndarray, title: str | None) -> np.ndarray:
 
 def _save_pil(image: Image.Image, path: str | Path | None) -> None:
     if path is not None:
-        _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+        save_image(image, path)  # the suffix's format, atomically; never over a model's files
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch import nn
 
 from parti import text as text_mod
 from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache
-from parti.checkpoint import config_from_dict
+from parti.checkpoint import atomic_export, config_from_dict
 from parti.distributed import on_main, replicas_agree
 from parti.errors import PartiError
 from parti.generator import GENERATOR_PRESETS, Generator, build_generator, save_generator
@@ -129,7 +129,8 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
     sets = CodeCache(cache_dir, "train"), CodeCache(cache_dir, "val")
     for ds in sets:
         ds.check(tokenizer_fingerprint=tokenizer.fingerprint(),
-                 text_identity=frozen_t5.identity() if frozen_t5 is not None else None, holdout=cfg.holdout)
+                 text_identity=frozen_t5.identity() if frozen_t5 is not None else None, holdout=cfg.holdout,
+                 grid_size=tokenizer.config.grid_size, num_codes=tokenizer.config.codebook_size)
         if frozen_t5 is not None and not ds.has_text:
             raise PartiError(f"cache {cache_dir} holds no T5 states; re-run `parti encode --text-encoder "
                              f"{cfg.text_encoder}`")
@@ -140,6 +141,10 @@ class GeneratorStage(Stage):
     """The generator and (when trainable) the text encoder as one `Objective`, with optional EMA."""
 
     name = "generator"
+
+    @classmethod
+    def reads(cls, cfg) -> tuple[str, ...]:
+        return (cfg.tokenizer,) if Path(cfg.tokenizer).expanduser().exists() else ()
 
     def __init__(self, cfg: GeneratorTrainConfig, acc, state):
         self.cfg, self.acc = cfg, acc
@@ -246,12 +251,13 @@ class GeneratorStage(Stage):
         if self.ema is not None:
             generator = copy.deepcopy(self.generator)  # not build_generator: no fresh init, no RNG draws
             generator.load_state_dict(self.ema.shadow)
-        if self.trainable is not None:
-            text_mod.save_text_encoder(self.trainable, out / "text_encoder")
-            self.export_record["text_encoder"] = self.trainable.identity()
-        if not (out / "tokenizer" / "config.json").exists():
-            save_tokenizer(self.tokenizer, out / "tokenizer")
-        save_generator(generator, out, extra=self.export_record)
+        with atomic_export(out) as stage:  # generator, tokenizer and text encoder appear together or not at all
+            if self.trainable is not None:
+                text_mod.save_text_encoder(self.trainable, stage / "text_encoder")
+                self.export_record["text_encoder"] = self.trainable.identity()
+            if not (out / "tokenizer" / "config.json").exists():
+                save_tokenizer(self.tokenizer, stage / "tokenizer")
+            save_generator(generator, stage, extra=self.export_record)
 
     def trained_modules(self):
         return [self.objective]

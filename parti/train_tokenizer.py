@@ -21,6 +21,7 @@ import torch
 from parti import data as data_mod
 from parti.distributed import (average_gradients, global_codebook_stats, reduce_logs, replicas_agree,
                                total_over_ranks)
+from parti.checkpoint import atomic_export
 from parti.errors import PartiError
 from parti.losses import LossConfig, TokenizerLoss
 from parti.loop import Stage, TrainConfig, fit
@@ -204,7 +205,8 @@ class TokenizerStage(Stage):
         return replicas_agree(self.acc, self.raw) and (self.disc is None or replicas_agree(self.acc, self.disc))
 
     def export(self) -> None:
-        save_tokenizer(self.raw, self.cfg.out)
+        with atomic_export(self.cfg.out) as stage:  # appears complete or not at all
+            save_tokenizer(self.raw, stage)
 
     def trained_modules(self):
         return [self.raw, self.disc]
