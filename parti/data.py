@@ -4,27 +4,23 @@ spec is "synthetic" (parti.synthetic faces), a folder of images, "hf:NAME" (a hu
 .parquet file or folder of them, or an imagefolder-style folder with metadata.csv/jsonl/parquet.
 Every item's image is a float32 (3, S, S) tensor in [-1, 1]. An unreadable image never stops an epoch:
 the item comes back as None (warned once, counted in `source.skipped`) and `collate` drops it.
-`make_loader` shuffles with (seed, epoch) and can start at any batch, so a run resumes exactly.
+The order training reads items in is `parti.batches`' (seeded per epoch, resumable at any batch).
 Split rules (documented in docs/synthetic.md): folders hold out their last 10% as val (FFHQ's 70,000:
 the last 10,000); tables without a val split hold out every 20th row.
 """
 
 from __future__ import annotations
 
-import copy as _copy
-import functools
 import io
-import itertools
 import os
-import random
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset
 
 from parti.errors import PartiError
 
@@ -33,7 +29,9 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 FFHQ_SIZE, FFHQ_TRAIN = 70_000, 60_000  # FFHQ's official split: images 00000-59999 train, the rest val
 VAL_EVERY = 20  # tables without a val split: rows 19, 39, 59, ... (5%) are val, in streaming mode too
 VAL_SPLIT_NAMES = ("validation", "val", "valid", "test")
-DEFAULT_CAPTION_COLUMNS = {"cr7Por/ffhq_controlnet_5_2_23": "image_caption"}
+# Caption columns looked for, in this order, when none is given: the captioned FFHQ's, then common names.
+CAPTION_COLUMNS = ("image_caption", "caption", "text", "captions", "prompt", "sentence")
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "pixel_values")
 SYNTHETIC_LENGTHS = {"train": 10_000, "val": 1_000}
 
 
@@ -147,7 +145,7 @@ class ImageSource(Dataset):
         raise PartiError(f"{self.name} ({self.split}) has no readable images among its {len(self)} items")
 
     def __repr__(self) -> str:
-        size = f"{len(self)} items" if not isinstance(self, IterableDataset) else "streaming"
+        size = f"{len(self)} items"
         return f"{type(self).__name__}({self.name!r}, split={self.split!r}, {size}, {self.image_size}px)"
 
 
@@ -232,63 +230,6 @@ def _caption(row: dict, column: str | None) -> str | None:
     return str(value[0] if isinstance(value, (list, tuple)) and value else value)  # several captions: first
 
 
-class StreamSource(ImageSource, IterableDataset):
-    """A streamed table (or endless synthetic faces): one pass per epoch, no length, no random access.
-
-    `rows()` yields (index, payload) and `load(payload)` decodes one; both must pickle (spawned workers).
-    Batch k of an epoch is always positions [k*B, (k+1)*B) of the (seeded, buffer-shuffled) stream,
-    whatever the number of workers: every worker reads the whole stream and decodes only its chunks.
-    """
-
-    def __init__(self, rows: Callable[[], Iterator[tuple[int, Any]]], load: Callable[[Any], tuple], *, name: str,
-                 split: str, image_size: int, has_captions: bool):
-        super().__init__(name=name, split=split, image_size=image_size, has_captions=has_captions)
-        self._rows, self._load_row = rows, load
-        self.for_epoch(shuffle=False, seed=0, epoch=0, flip_prob=0.0, batch_size=1, start=0, buffer=1000, copy=False)
-
-    def for_epoch(self, *, shuffle: bool, seed: int, epoch: int, flip_prob: float, batch_size: int, start: int,
-                  buffer: int, copy: bool = True) -> StreamSource:
-        """A copy (or self) that iterates one epoch in this order, from position `start`; see make_loader."""
-        stream = _copy.copy(self) if copy else self
-        stream.shuffle, stream.seed, stream.epoch, stream.flip_prob = shuffle, seed, epoch, flip_prob
-        stream.batch_size, stream.start, stream.buffer = batch_size, start, buffer
-        return stream
-
-    def __iter__(self) -> Iterator[dict | None]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)  # same in every worker
-        rows = _buffer_shuffle(self._rows(), self.buffer, rng) if self.shuffle else self._rows()
-        seen = readable = 0
-        for pos, (index, payload) in enumerate(rows):
-            seen += 1
-            flip = rng.random() < self.flip_prob  # drawn for every position so workers agree
-            if pos < self.start or (pos - self.start) // self.batch_size % workers != worker:
-                continue
-            item = self._item(index, flip, functools.partial(self._load_row, payload))
-            readable += item is not None
-            yield item  # None for an unreadable row keeps batches aligned; collate drops it
-        if seen == 0 or (readable == 0 and workers == 1 and self.start == 0):
-            raise PartiError(f"{self.name} ({self.split}) has no readable images ({seen} rows)")
-
-    def __getitem__(self, key: Any) -> dict | None:
-        raise PartiError(f"{self.name} is streamed: iterate it or use make_loader; it has no random access")
-
-
-def _buffer_shuffle(rows: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Approximate shuffle of a stream with a `size`-item buffer (as datasets' IterableDataset.shuffle)."""
-    buffer: list = []
-    for row in rows:
-        if len(buffer) < size:
-            buffer.append(row)
-            continue
-        k = rng.randrange(size)
-        yield buffer[k]
-        buffer[k] = row
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: workers ignore SIGINT/SIGTERM. A Ctrl-C, `timeout`, SLURM or a container
     stop signals the whole process group; a worker that died of it would crash the main process's next
@@ -303,12 +244,14 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 # ---- open_source -------------------------------------------------------------------------------
 
 def open_source(spec: str, *, split: str = "train", image_size: int = 128, image_column: str | None = None,
-                caption_column: str | None = None, streaming: bool = False, synthetic_length: int | None = None,
+                caption_column: str | None = None, synthetic_length: int | None = None,
                 seed: int = 0, holdout: bool = False) -> ImageSource:
     """Open `spec` ("synthetic", a folder, "hf:NAME", a parquet file/folder, an imagefolder) as a source.
 
-    `caption_column="none"` reads a table as images only. For "synthetic", `synthetic_length=None`
-    means 10,000 train / 1,000 val faces, and `streaming=True` means an endless stream.
+    "hf:NAME" downloads the dataset's parquet shards once into the Hugging Face cache (their size said
+    first; offline, the cache serves them) and reads them as a local copy in the hub layout would be read.
+    Columns are found without flags (`find_columns`); `caption_column="none"` reads a table as images only.
+    For "synthetic", `synthetic_length=None` means 10,000 train / 1,000 val faces.
     """
     if split not in ("train", "val"):
         raise PartiError(f"unknown split {split!r}; use 'train' or 'val'")
@@ -323,10 +266,14 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
         if given:
             raise PartiError(f"{' and '.join(given)} name columns of a table; the synthetic faces have none: "
                              f"drop {'them' if len(given) > 1 else 'it'} or pass a table with --data")
-        return _open_synthetic(synthetic_length, seed, holdout, streaming, common)
+        return _open_synthetic(synthetic_length, seed, holdout, common)
     if spec.startswith("hf:"):
-        tables = _load_tables(spec[3:], spec, streaming=streaming)
-        return _open_table(tables, spec[3:], spec, image_column, caption_column, common, roots=_hub_roots())
+        from parti.hub import dataset_snapshot
+
+        local = Path(spec[3:]).expanduser()  # hf:FOLDER reads a local copy in the hub layout
+        folder = local if local.is_dir() else dataset_snapshot(spec[3:])
+        tables = _load_tables("parquet", spec, data_dir=str(folder))
+        return _open_table(tables, spec, image_column, caption_column, common, roots=(folder, *_hub_roots()))
     path = Path(spec).expanduser()
     if not path.exists():
         raise PartiError(f"no such file or folder {spec!r}; pass 'synthetic', a folder of images, a .parquet "
@@ -334,15 +281,15 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
     if path.is_file():
         if path.suffix != ".parquet":
             raise PartiError(f"{spec!r} is a file but not .parquet; pass a .parquet file or a folder of images")
-        tables = _load_tables("parquet", spec, streaming=streaming, data_files=str(path))
+        tables = _load_tables("parquet", spec, data_files=str(path))
     else:
         images, texts, parquets, metadata = _walk(path)
         if not (metadata or parquets):
             return _open_folder(images, texts, spec, common)
         # imagefolder: captions and other columns come from the metadata file; else parquet shards
-        tables = _load_tables("imagefolder" if metadata else "parquet", spec, streaming=streaming, data_dir=str(path))
+        tables = _load_tables("imagefolder" if metadata else "parquet", spec, data_dir=str(path))
     root = path if path.is_dir() else path.parent
-    return _open_table(tables, str(path), spec, image_column, caption_column, common, roots=(root,))
+    return _open_table(tables, spec, image_column, caption_column, common, roots=(root,))
 
 
 def _hub_roots() -> tuple[Path, ...]:
@@ -353,13 +300,12 @@ def _hub_roots() -> tuple[Path, ...]:
     return (Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE))
 
 
-def _load_tables(path: str, spec: str, *, streaming: bool, data_files: str | None = None,
-                 data_dir: str | None = None) -> Any:
-    """datasets.load_dataset -> a DatasetDict (or IterableDatasetDict); its failures become one line."""
+def _load_tables(path: str, spec: str, *, data_files: str | None = None, data_dir: str | None = None) -> Any:
+    """datasets.load_dataset -> a DatasetDict; its failures become one line."""
     import datasets  # heavy; imported only when a table is opened
 
     try:
-        return datasets.load_dataset(path, data_files=data_files, data_dir=data_dir, streaming=streaming)
+        return datasets.load_dataset(path, data_files=data_files, data_dir=data_dir)
     except Exception as err:
         raise PartiError(f"could not load dataset {spec!r}: {(str(err) or repr(err)).splitlines()[0]}") from err
 
@@ -431,48 +377,46 @@ def _pick_split(tables: Any, split: str, spec: str) -> tuple[Any, _EveryNth | No
     return tables[base], _EveryNth(val=split == "val")
 
 
-def _stream_rows(table: Any, keep: _EveryNth | None) -> Iterator[tuple[int, Any]]:
-    """(index within the split, row) of a streamed table, the split's rows only."""
-    # `iter(table)` inside a DataLoader worker would read only that worker's shards; `table.iter`
-    # reads them all, which StreamSource needs so that every worker sees the same order.
-    rows = (dict(zip(batch, values)) for batch in table.iter(batch_size=64) for values in zip(*batch.values()))
-    return enumerate(row for i, row in enumerate(rows) if keep is None or keep(i))
+def find_columns(columns: list[str], features: dict, *, image_column: str | None, caption_column: str | None,
+                 spec: str) -> tuple[str, str | None]:
+    """(image column, caption column or None) of a table. Given names must exist; otherwise the image column is
+    the first of IMAGE_COLUMNS present (or the only image-typed one), the caption column the first of
+    CAPTION_COLUMNS present (or the only text column; several unnamed ones are ambiguous: ask)."""
+    images = [c for c in columns if type(features.get(c)).__name__ == "Image"]
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMNS if c in columns), images[0] if len(images) == 1 else None)
+        if image_column is None:
+            raise PartiError(f"{spec!r} has no image column among {columns}; pass --image-column")
+    elif image_column not in columns:
+        raise PartiError(f"column {image_column!r} not in dataset; columns are {columns}; pass --image-column")
+    if caption_column == "none":
+        return image_column, None
+    if caption_column is not None:
+        if caption_column not in columns:
+            raise PartiError(f"column {caption_column!r} not in dataset; columns are {columns}; pass --caption-column")
+        return image_column, caption_column
+    found = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    texts = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    if found is None and len(texts) == 1:
+        found = texts[0]
+    elif found is None and texts:  # several text columns, none with a caption's name: ask rather than guess
+        raise PartiError(f"{spec!r} has text columns {texts} and none is named like a caption; pass "
+                         "--caption-column (or --caption-column none for images only)")
+    return image_column, found
 
 
-def _load_row(image_column: str, caption_column: str | None, row: dict) -> tuple:
-    return _open_image(row[image_column]), _caption(row, caption_column), {}
-
-
-def _open_table(tables: Any, name: str, spec: str, image_column: str | None, caption_column: str | None,
+def _open_table(tables: Any, spec: str, image_column: str | None, caption_column: str | None,
                 common: dict, *, roots: tuple[Path, ...]) -> ImageSource:
     import datasets
 
     table, keep = _pick_split(tables, common["split"], spec)
     features = table.features or {}
     columns = list(table.column_names or []) or list(next(iter(table), {}))  # unknown features: peek a row
-    image_column = image_column or "image"
-    if image_column not in columns:
-        raise PartiError(f"column {image_column!r} not in dataset; columns are {columns}; pass --image-column")
-    if caption_column == "none":
-        caption_column = None
-    elif caption_column is not None:
-        if caption_column not in columns:
-            raise PartiError(f"column {caption_column!r} not in dataset; columns are {columns}; pass --caption-column")
-    else:
-        default = DEFAULT_CAPTION_COLUMNS.get(name, "text")
-        texts = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        if default in columns:
-            caption_column = default
-        elif texts:  # text columns but not the default one: ambiguous, ask rather than guess
-            raise PartiError(f"column {default!r} not in dataset; columns are {columns}; pass --caption-column "
-                             "(or --caption-column none for images only)")
+    image_column, caption_column = find_columns(columns, features, image_column=image_column,
+                                                caption_column=caption_column, spec=spec)
     if isinstance(features.get(image_column), datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))  # we decode, and skip failures
     table = table.select_columns([c for c in (image_column, caption_column) if c])
-    if isinstance(table, datasets.IterableDataset):
-        return StreamSource(functools.partial(_stream_rows, table, keep),
-                            functools.partial(_load_row, image_column, caption_column), name=spec,
-                            has_captions=caption_column is not None, **common)
     all_rows = np.arange(len(table))
     kept = all_rows if keep is None else all_rows[keep.mask(len(table))]
     if len(kept) == 0:
@@ -483,21 +427,13 @@ def _open_table(tables: Any, name: str, spec: str, image_column: str | None, cap
     return source
 
 
-def _open_synthetic(length: int | None, seed: int, holdout: bool, streaming: bool, common: dict) -> ImageSource:
+def _open_synthetic(length: int | None, seed: int, holdout: bool, common: dict) -> ImageSource:
     from parti.synthetic import SyntheticFaces
 
     split, size = common["split"], common["image_size"]
-    if streaming:  # endless: item i of the stream is face i
-        faces = SyntheticFaces(size=size, length=None, seed=seed, split=split, holdout=holdout)
-        return StreamSource(_endless_rows, functools.partial(_load_face, faces), name="synthetic",
-                            has_captions=True, **common)
     faces = SyntheticFaces(size=size, length=SYNTHETIC_LENGTHS[split] if length is None else length, seed=seed,
                            split=split, holdout=holdout)
     return SyntheticSource(faces, **common)
-
-
-def _endless_rows() -> Iterator[tuple[int, int]]:
-    return zip(itertools.count(), itertools.count())  # (index, payload): face i is the i-th row
 
 
 def _load_face(faces: Any, index: int) -> tuple[Image.Image, str, dict]:
@@ -506,27 +442,6 @@ def _load_face(faces: Any, index: int) -> tuple[Image.Image, str, dict]:
 
 
 # ---- loading -----------------------------------------------------------------------------------
-
-class EpochSampler(Sampler):
-    """Yields (index, flip) for one epoch: a permutation and flips drawn from (seed, epoch), from `start`."""
-
-    def __init__(self, length: int, *, shuffle: bool, seed: int, flip_prob: float, epoch: int = 0, start: int = 0):
-        self.length, self.shuffle, self.seed, self.flip_prob = length, shuffle, seed, flip_prob
-        self.epoch, self.start = epoch, start
-
-    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return max(0, self.length - self.start)
-
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
-        flips = torch.rand(self.length, generator=g) < self.flip_prob
-        for k in range(self.start, self.length):
-            yield int(order[k]), bool(flips[k])
-
 
 def collate(batch: list[dict | None]) -> dict | None:
     """Drop unreadable items (None) and stack the rest: image (B, 3, S, S), index (B,), lists otherwise.
@@ -544,29 +459,3 @@ def collate(batch: list[dict | None]) -> dict | None:
         if key not in out:
             out[key] = [b[key] for b in items]
     return out
-
-
-def make_loader(source: ImageSource, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True,
-                num_workers: int = 0, flip: bool = True, flip_prob: float = 0.5, epoch: int = 0,
-                start_batch: int = 0, shuffle_buffer: int = 1000) -> DataLoader:
-    """A DataLoader over one epoch of `source`, starting at batch `start_batch` (to resume a run).
-
-    Order and flips depend only on (seed, epoch): batch k is the same whether or not the epoch began at
-    0, and whatever `num_workers` is. Build one loader per epoch. Streamed sources shuffle within a
-    `shuffle_buffer`-row buffer.
-    """
-    if batch_size < 1 or start_batch < 0 or not 0.0 <= flip_prob <= 1.0:
-        raise PartiError(f"need batch_size >= 1, start_batch >= 0, 0 <= flip_prob <= 1; got {batch_size}, "
-                         f"{start_batch}, {flip_prob}")
-    flip_prob = flip_prob if flip else 0.0
-    start = start_batch * batch_size
-    if isinstance(source, StreamSource):
-        stream = source.for_epoch(shuffle=shuffle, seed=seed, epoch=epoch, flip_prob=flip_prob,
-                                  batch_size=batch_size, start=start, buffer=shuffle_buffer)
-        return DataLoader(stream, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
-                          worker_init_fn=ignore_stop_signals,
-                          collate_fn=collate)
-    sampler = EpochSampler(len(source), shuffle=shuffle, seed=seed, flip_prob=flip_prob, epoch=epoch, start=start)
-    return DataLoader(source, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      worker_init_fn=ignore_stop_signals,
-                      num_workers=num_workers, collate_fn=collate)

@@ -90,6 +90,9 @@ class Stage:
 
     name = ""
     may_skip_batches = False  # whether the data can yield an empty (all unreadable) batch, as None
+    # Settings naming what the run learns from: a resumed run must keep them (`check_same_inputs`). The
+    # tokenizer and a frozen T5 are compared by fingerprint instead (a folder may move, its weights may not).
+    inputs: tuple[str, ...] = ("data", "preset", "holdout", "image_column", "caption_column")
 
     @classmethod
     def reads(cls, cfg: TrainConfig) -> tuple[str, ...]:
@@ -155,6 +158,7 @@ def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
     check_output_not_inside(out, *stage_cls.reads(cfg))
     claim_run_folder(out, stage=stage_cls.name)
     check_stage(out, stage_cls.name, resume=cfg.resume)
+    check_same_inputs(out, cfg, stage_cls.inputs)
     lock = RunLock(out) if acc.is_main_process else None
     on_main(acc, lambda: lock.acquire())
     try:
@@ -162,6 +166,20 @@ def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_same_inputs(out: Path, cfg: TrainConfig, inputs: tuple[str, ...]) -> None:
+    """A run continued with other inputs would mix two trainings in one model: refused before any work."""
+    from parti.checkpoint import read_json
+
+    run_json = out / "run.json"
+    if not cfg.resume or not run_json.is_file():
+        return
+    old = read_json(run_json).get("config", {})
+    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in inputs if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        raise PartiError(f"{out} was trained from other inputs ({'; '.join(changed)}); resume with the same ones, or "
+                         f"choose another --out to start afresh")
 
 
 def _fit(stage_cls: type[Stage], cfg: TrainConfig, acc, out: Path) -> Path:

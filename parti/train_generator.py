@@ -120,7 +120,10 @@ def _trainable_text_encoder(cfg: GeneratorTrainConfig, captions: list[str], devi
 def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[CodeCache, CodeCache]:
     """The code cache: given as --data, or made here once (main process) from the dataset into OUT/cache."""
     cache_dir = Path(cfg.data) if is_cache(cfg.data) else Path(cfg.out) / "cache"
+    if is_cache(cache_dir) and cache_dir != Path(cfg.data):
+        _check_own_cache(cache_dir, cfg)
     if not is_cache(cache_dir):
+        _check_captioned(cfg)
         on_main(acc, lambda: encode_dataset(
             data=cfg.data, tokenizer=cfg.tokenizer, out=cache_dir, text_encoder=frozen_t5, device=acc.device,
             synthetic_length=cfg.synthetic_length, seed=cfg.seed, holdout=cfg.holdout, num_workers=cfg.num_workers,
@@ -137,10 +140,34 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
     return sets
 
 
+def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig) -> None:
+    """OUT/cache is this run's: made from the same data, else refused (an earlier run with another --data)."""
+    from parti.checkpoint import read_json
+
+    made = read_json(cache_dir / "manifest.json")
+    if made.get("data") != cfg.data or bool(made.get("holdout")) != cfg.holdout:
+        raise PartiError(f"{cache_dir} was encoded from --data {made.get('data')!r} (holdout {made.get('holdout')}), "
+                         f"not {cfg.data!r}; delete {cache_dir} to encode the new data, or choose another --out")
+
+
+def _check_captioned(cfg: GeneratorTrainConfig) -> None:
+    """Stage 2 learns from captions: a caption-less source is refused before anything is encoded."""
+    from parti.data import open_source
+
+    if cfg.data == "synthetic":
+        return  # captioned by construction
+    source = open_source(cfg.data, split="train", image_size=32, image_column=cfg.image_column,
+                         caption_column=cfg.caption_column)
+    if not source.has_captions:
+        raise PartiError(f"{cfg.data} has no captions, and the generator learns from them; give captioned data "
+                         f"(or --caption-column COLUMN for a table)")
+
+
 class GeneratorStage(Stage):
     """The generator and (when trainable) the text encoder as one `Objective`, with optional EMA."""
 
     name = "generator"
+    inputs = (*Stage.inputs, "text_preset", "text_tokenizer", "vocab_size")
 
     @classmethod
     def reads(cls, cfg) -> tuple[str, ...]:
