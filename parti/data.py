@@ -377,12 +377,12 @@ def _pick_split(tables: Any, split: str, spec: str) -> tuple[Any, _EveryNth | No
     return tables[base], _EveryNth(val=split == "val")
 
 
-def find_columns(columns: list[str], features: dict, *, image_column: str | None, caption_column: str | None,
-                 spec: str) -> tuple[str, str | None]:
+def find_columns(columns: list[str], *, images: list[str], texts: list[str], image_column: str | None,
+                 caption_column: str | None, spec: str) -> tuple[str, str | None]:
     """(image column, caption column or None) of a table. Given names must exist; otherwise the image column is
     the first of IMAGE_COLUMNS present (or the only image-typed one), the caption column the first of
-    CAPTION_COLUMNS present (or the only text column; several unnamed ones are ambiguous: ask)."""
-    images = [c for c in columns if type(features.get(c)).__name__ == "Image"]
+    CAPTION_COLUMNS present (or the only text column; several unnamed ones are ambiguous: ask). `images` and
+    `texts` are the columns typed as images and as strings."""
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in columns), images[0] if len(images) == 1 else None)
         if image_column is None:
@@ -396,7 +396,6 @@ def find_columns(columns: list[str], features: dict, *, image_column: str | None
             raise PartiError(f"column {caption_column!r} not in dataset; columns are {columns}; pass --caption-column")
         return image_column, caption_column
     found = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    texts = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if found is None and len(texts) == 1:
         found = texts[0]
     elif found is None and texts:  # several text columns, none with a caption's name: ask rather than guess
@@ -412,8 +411,10 @@ def _open_table(tables: Any, spec: str, image_column: str | None, caption_column
     table, keep = _pick_split(tables, common["split"], spec)
     features = table.features or {}
     columns = list(table.column_names or []) or list(next(iter(table), {}))  # unknown features: peek a row
-    image_column, caption_column = find_columns(columns, features, image_column=image_column,
-                                                caption_column=caption_column, spec=spec)
+    image_column, caption_column = find_columns(
+        columns, images=[c for c, f in features.items() if isinstance(f, datasets.Image)],
+        texts=[c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")],
+        image_column=image_column, caption_column=caption_column, spec=spec)
     if isinstance(features.get(image_column), datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))  # we decode, and skip failures
     table = table.select_columns([c for c in (image_column, caption_column) if c])

@@ -92,7 +92,8 @@ class Stage:
     may_skip_batches = False  # whether the data can yield an empty (all unreadable) batch, as None
     # Settings naming what the run learns from: a resumed run must keep them (`check_same_inputs`). The
     # tokenizer and a frozen T5 are compared by fingerprint instead (a folder may move, its weights may not).
-    inputs: tuple[str, ...] = ("data", "preset", "holdout", "image_column", "caption_column")
+    # (The architecture is compared whole, by `check_resumable`.)
+    inputs: tuple[str, ...] = ("data", "holdout", "image_column", "caption_column")
 
     @classmethod
     def reads(cls, cfg: TrainConfig) -> tuple[str, ...]:

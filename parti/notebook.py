@@ -214,18 +214,73 @@ def describe_environment() -> str:
 
 def preview_data(spec: str, *, n: int = 4, image_size: int = 128, synthetic_length: int | None = None,
                  seed: int = 0):
-    """The first `n` readable training images of `spec`, each under its caption, as a PIL image."""
+    """The first `n` readable training images of `spec`, each under its caption, as a PIL image. A Hub
+    dataset not yet in the cache is previewed from its first parquet rows, read remotely: never downloaded
+    whole for a look."""
     import torch
 
-    from parti.data import open_source
+    from parti.data import open_source, to_tensor
     from parti.plots import sample_grid
 
+    if spec.startswith("hf:") and not _in_hub_cache(spec[3:]):
+        rows = _first_rows(spec[3:], 4 * n)
+        images = [to_tensor(image, image_size) for image, _ in rows[:n]]
+        return sample_grid(torch.stack(images), [c or "(no caption)" for _, c in rows[:n]], images_per_prompt=1)
     source = open_source(spec, split="train", image_size=image_size, synthetic_length=synthetic_length, seed=seed)
     items = [item for item in (source[i] for i in range(min(len(source), 4 * n))) if item is not None][:n]
     if not items:
         raise PartiError(f"{spec!r} holds no readable images")
     captions = [item["caption"] or "(no caption)" for item in items]
     return sample_grid(torch.stack([item["image"] for item in items]), captions, images_per_prompt=1)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    if Path(repo_id).expanduser().is_dir():
+        return True  # hf:FOLDER, a local copy
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return any(r.repo_id == repo_id and r.repo_type == "dataset" for r in scan_cache_dir().repos)
+    except Exception:  # no cache folder yet, or one huggingface_hub cannot read
+        return False
+
+
+def _first_rows(repo_id: str, n: int) -> list:
+    """(PIL image, caption) of the first `n` rows of a Hub dataset's first parquet shard, read through
+    HfFileSystem: the footer and one row group, not the shard."""
+    import io
+
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfFileSystem
+    from PIL import Image
+
+    from parti.data import find_columns
+
+    fs = HfFileSystem()
+    try:
+        shards = sorted(fs.glob(f"datasets/{repo_id}/**/*.parquet"))
+        if not shards:
+            raise PartiError(f"Hub dataset {repo_id} has no parquet shards to preview")
+        with fs.open(shards[0], "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(0)
+    except PartiError:
+        raise
+    except Exception as e:  # offline, not found, private: one line either way
+        raise PartiError(f"could not preview Hub dataset {repo_id} ({str(e).splitlines()[0][:160]}); go online "
+                         f"or give a local copy") from None
+    columns = table.column_names
+    texts = [c for c in columns if str(table.schema.field(c).type) in ("string", "large_string")]
+    image_col, caption_col = find_columns(columns, images=[], texts=texts, image_column=None, caption_column=None,
+                                          spec=repo_id)
+    rows = table.slice(0, n).to_pylist()
+    return [(Image.open(io.BytesIO(r[image_col]["bytes"])), r.get(caption_col) if caption_col else None) for r in rows]
+
+
+def example_prompts(run: NotebookRun) -> tuple[str, ...]:
+    """Prompts for the generate cell in the style of the run's captions."""
+    from parti.prompts import FFHQ_SAMPLE_PROMPTS, SYNTHETIC_SAMPLE_PROMPTS
+
+    return FFHQ_SAMPLE_PROMPTS[:2] if run.dataset == "ffhq" else SYNTHETIC_SAMPLE_PROMPTS[2:4]
 
 
 def latest_grid(run_dir: str | Path):
