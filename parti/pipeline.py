@@ -8,11 +8,13 @@ A generator run folder is self-contained:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from parti.decoding import use_compile
 from parti.errors import PartiError
 from parti.generator import Generator, load_generator
 from parti.sampling import SamplingParams, generate
@@ -26,28 +28,48 @@ class PipelineOutput:
     prompts: list[str]  # the prompt of each image
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise PartiError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise PartiError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 class Pipeline:
-    def __init__(self, *, tokenizer: VQTokenizer, generator: Generator, text_encoder, device: torch.device):
+    """compile: decode through the compiled step of `parti.decoding` (True, False or "auto": CUDA, and
+    CPUs where it measured faster); compiled once per process and batch shape, eager where unavailable."""
+
+    def __init__(self, *, tokenizer: VQTokenizer, generator: Generator, text_encoder, device: torch.device,
+                 compile: bool | str = "auto"):
+        use_compile(compile, torch.device(device))  # a bad value fails here, not at the first prompt
         self.tokenizer, self.generator, self.text_encoder, self.device = tokenizer, generator, text_encoder, device
+        self.compile = compile
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str] | str, *, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 batch_size: int = 64, return_codes: bool = False) -> PipelineOutput:
+    def __call__(self, prompts: list[str] | str, sampling: SamplingParams = SamplingParams(), *,
+                 num_images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64,
+                 return_codes: bool = False) -> PipelineOutput:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PartiError("no prompts given; pass at least one prompt")
-        if num_images_per_prompt < 1:
-            raise PartiError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        params = SamplingParams(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        rows = [p for p in prompts for _ in range(num_images_per_prompt)]
-        rng = torch.Generator(device=self.device).manual_seed(seed)
+        if not isinstance(sampling, SamplingParams):
+            raise PartiError(f"sampling must be a parti.SamplingParams, got {type(sampling).__name__}")
+        per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
+        batch_size = _positive_int("batch_size", batch_size)
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        rng = torch.Generator(device=self.device).manual_seed(_check_seed(seed))
         codes = []
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             states, mask = self.text_encoder.encode(chunk)
             ctx, ctx_mask = self.generator.encode_condition(states.to(self.device), mask.to(self.device))
-            codes.append(generate(self.generator, ctx, ctx_mask, params=params, generator=rng))
+            codes.append(generate(self.generator, ctx, ctx_mask, params=sampling, generator=rng,
+                                  compile=self.compile))
         g = self.tokenizer.config.grid_size
         codes = torch.cat(codes).reshape(-1, g, g)
         images = torch.cat([self.tokenizer.decode(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
@@ -75,13 +97,17 @@ SAMPLING_DTYPES = ("auto", "fp32", "bf16")
 
 
 def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on a CUDA device that has
-    it, else fp32. bf16 halves the bytes each decoding step reads (weights and cache), which bound
-    sampling at small batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
+    """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on CUDA devices of compute
+    capability 8.0 or more (Ampere on), else fp32: the rule of `parti.runs.choose_mixed_precision`, which
+    goes by capability because torch reports bf16 as supported on a T4 (7.5), where it is emulated and
+    slow. Where training would use fp16, sampling keeps fp32: fp16 logits and cache risk overflow.
+    bf16 halves the bytes each decoding step reads (weights and cache), which bound sampling at small
+    batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
     if name not in SAMPLING_DTYPES:
         raise PartiError(f"dtype must be one of {', '.join(SAMPLING_DTYPES)}; got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if cuda_bf16 else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
@@ -94,11 +120,12 @@ def as_sampling_dtype(generator: Generator, dtype: torch.dtype) -> Generator:
 
 
 def load_pipeline(folder: str | Path, *, device: str | torch.device | None = None,
-                  text_encoder_path: str | None = None, dtype: str = "auto") -> Pipeline:
+                  text_encoder_path: str | None = None, dtype: str = "auto",
+                  compile: bool | str = "auto") -> Pipeline:
     """Everything needed to go from prompts to images, from a generator folder alone.
 
     dtype: the generator's weights for sampling ("auto", "fp32", "bf16"; see `sampling_dtype`). Logits
-    are fp32 either way; the tokenizer and text encoder stay fp32.
+    are fp32 either way; the tokenizer and text encoder stay fp32. compile: see `Pipeline`.
     """
     folder = Path(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -111,7 +138,8 @@ def load_pipeline(folder: str | Path, *, device: str | torch.device | None = Non
                          f"({tokenizer.fingerprint()} != {data.get('tokenizer_fingerprint')})")
     encoder = load_text_encoder_for(folder, data.get("text_encoder") or {}, device=device,
                                     text_encoder_path=text_encoder_path)
-    return Pipeline(tokenizer=tokenizer, generator=generator, text_encoder=encoder, device=device)
+    return Pipeline(tokenizer=tokenizer, generator=generator, text_encoder=encoder, device=device,
+                    compile=compile)
 
 
 def check_tokenizer(generator_folder: str | Path, tokenizer: VQTokenizer) -> None:
