@@ -8,7 +8,7 @@ on the reference generator (dim 512, depth 6, 8 heads, 8192 codes, 32 text token
 with a matmul probe:
 
 - linears: every decoding linear of every step (self-attention q/kv/out, MLP, head at 2B rows; the
-  cross-attention q/out at the B conditional rows), from the weights `generate` packs;
+  cross-attention q/out at the B conditional rows), from the weights `generate` packs (`PackedLinear`);
 - weights read: one pass over those same weights per step (a sum): the memory floor of the linears;
 - one layer's MLP weight, at 2B rows, from cache: the GEMM kernel's speed when the weights do not stream;
 - self-attention: SDPA of the 2B rows over the KV cache, position 1..256, every layer; and the same bytes
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
 from bench_generator import TEXT_LEN, TOP_K, text_inputs
+from parti.decoding import PackedLinear
 from parti.generator import build_generator
 from parti.sampling import SamplingParams, generate
 
@@ -57,10 +58,11 @@ def pieces(gen, batch: int) -> tuple[dict, dict]:
     lin_flops = sum(2.0 * r * m.in_features * m.out_features for m, r in linears)
 
     def run_linears():
-        with torch.no_grad(), gen.packed_for_decoding(rows, context_rows=batch):
+        with torch.no_grad():
+            packed = [PackedLinear(m, r) for m, r in linears]  # as each `generate` call packs them
             for _ in range(T):
-                for (m, _), x in zip(linears, inputs):
-                    m(x)
+                for f, x in zip(packed, inputs):
+                    f(x)
 
     def read_weights():
         for _ in range(T):
@@ -72,10 +74,11 @@ def pieces(gen, batch: int) -> tuple[dict, dict]:
     repeats = round(lin_flops / (2.0 * rows * fc1.in_features * fc1.out_features))  # the linears' FLOPs
 
     def in_cache():
-        with torch.no_grad(), gen.packed_for_decoding(rows, context_rows=batch):
+        with torch.no_grad():
+            packed = PackedLinear(fc1, rows)
             for _ in range(T):
                 for _ in range(repeats):
-                    fc1(x1)
+                    packed(x1)
 
     cache = [torch.randn(2, rows, H, T, dh) for _ in range(c.depth)]
     q = torch.randn(rows, H, 1, dh)

@@ -168,13 +168,17 @@ def bench_train(args, gen, anchor_model, peak_probe) -> dict:
 
 # ---- sampling -----------------------------------------------------------------------------------
 
-def our_samplers(gen, bf16: bool) -> dict:
-    """name -> model: ours in fp32 (the comparison at the anchor's precision) and, with `bf16`, the same
-    weights in bf16 as `load_pipeline(..., dtype="bf16")` / `parti sample --dtype bf16` sample (KV cache
-    in bf16 too, logits fp32)."""
-    samplers = {"ours": gen}
+def our_samplers(gen, bf16: bool, compiled: bool) -> dict:
+    """name -> (model, compile option): ours in fp32 (the comparison at the anchor's precision) and, with
+    `bf16`, the same weights in bf16 as `load_pipeline(..., dtype="bf16")` / `parti sample --dtype bf16`
+    sample (KV cache in bf16 too, logits fp32); with `compiled`, each also through the compiled decoding
+    step (`generate(..., compile=True)`; compiled once before the timed rounds)."""
+    models = {"ours": gen}
     if bf16:
-        samplers["ours, dtype bf16"] = as_sampling_dtype(copy.deepcopy(gen), torch.bfloat16).eval()
+        models["ours, dtype bf16"] = as_sampling_dtype(copy.deepcopy(gen), torch.bfloat16).eval()
+    samplers = {name: (m, False) for name, m in models.items()}
+    if compiled:
+        samplers.update({f"{name}, compiled": (m, True) for name, m in models.items()})
     return samplers
 
 
@@ -184,7 +188,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
     c = gen.config
     gen.eval()
     probe, probe_flops = peak_probe
-    samplers = our_samplers(gen, args.bf16)
+    samplers = our_samplers(gen, args.bf16, args.compile)
     probe16, probe16_flops = common.matmul_probe(dtype=torch.bfloat16)
     rows = []
     for b in args.sample_batches:
@@ -192,12 +196,13 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
         for scale in (3.0, 1.0):
             params = SamplingParams(guidance_scale=scale, temperature=1.0, top_k=TOP_K)
 
-            def run(model, states=states, mask=mask, params=params):
+            def run(model, compile, states=states, mask=mask, params=params):
                 with torch.no_grad():
                     ctx, ctx_mask = model.encode_condition(states, mask)
-                return generate(model, ctx, ctx_mask, params=params, generator=torch.Generator().manual_seed(0))
+                return generate(model, ctx, ctx_mask, params=params, generator=torch.Generator().manual_seed(0),
+                                compile=compile)
 
-            ours_fns = {name: (lambda m=m: run(m)) for name, m in samplers.items()}
+            ours_fns = {name: (lambda m=m, c=c: run(m, c)) for name, (m, c) in samplers.items()}
             fns = {**ours_fns, "matmul": probe, **({"matmul bf16": probe16} if args.bf16 else {})}
             with_anchor = anchor_model is not None and b in (
                 args.anchor_sample_batches if scale == 3.0 else args.anchor_scale1_batches)
@@ -211,7 +216,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
             name = f"batch {b}, guidance {'on (3)' if scale != 1 else 'off (1)'}"
             common.log(f"sampling {name}")
             for fn in ours_fns.values():
-                fn()  # warm-up (thread pools, allocator)
+                fn()  # warm-up (thread pools, allocator; the compiled variants compile here)
             if with_anchor:
                 # Anchor rounds are long: each runs beside ours and the probe; extra rounds are ours only.
                 s = common.alternate(fns, repeats=args.anchor_repeats, warmup=0, log=common.log)
@@ -245,6 +250,9 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
             row["variants"] = {k: {**common.summary(s[k]), "share_of_peak": statistics.median(share(k)),
                                   "ratio_anchor_over_it": common.paired_ratio(s["anchor"], s[k]) if with_anchor else None}
                               for k in ours_fns if k != "ours"}
+            for k in ours_fns:  # compiled against the same weights eager, paired per round
+                if k.endswith(", compiled"):
+                    row["variants"][k]["ratio_eager_over_it"] = common.paired_ratio(s[k.removesuffix(", compiled")], s[k])
             rows.append(row)
     return rows
 
@@ -346,14 +354,15 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
     variants = [(r, k, v) for r in sample or [] for k, v in r.get("variants", {}).items()]
     if variants:
         print()
-        print(common.table(["batch", "guidance", "sampler", "median", "img/s", "peak MiB", "of bf16 peak",
-                            "speed-up [IQR]"],
+        print(common.table(["batch", "guidance", "sampler", "median", "img/s", "peak MiB", "of peak",
+                            "speed-up [IQR]", "eager / compiled [IQR]"],
                            [[str(r["batch"]), "on (3)" if r["guidance_scale"] != 1 else "off (1)", k,
                              common.fmt_s(v["median_s"]), f"{r['batch'] / v['median_s']:.2f}",
                              "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}",
-                             f"{100 * v['share_of_peak']:.0f}%", common.fmt_ratio(v["ratio_anchor_over_it"])]
+                             f"{100 * v['share_of_peak']:.0f}%", common.fmt_ratio(v["ratio_anchor_over_it"]),
+                             common.fmt_ratio(v.get("ratio_eager_over_it"))]
                             for r, k, v in variants],
-                           title="bf16 sampling (same rounds; share of a bf16 matmul peak measured in them)"))
+                           title="Other samplers (same rounds; bf16 ones as a share of a bf16 matmul peak measured in them)"))
     if targets:
         print()
         print(common.table(["target", "measured", "needed", "met"],
@@ -381,6 +390,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="train,sample")
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="leave out the bf16 sampler (dtype bf16) that runs beside the fp32 one")
+    p.add_argument("--compile", action="store_true",
+                   help="also sample through the compiled decoding step (generate(compile=True)), alternated with eager")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler tables: one training step and one guided sampling run at the largest batch")
     args = p.parse_args(argv)

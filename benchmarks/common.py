@@ -235,7 +235,8 @@ def generator_forward_flops(c, *, batch: int, text_len: int) -> float:
 def generator_sample_flops(c, *, batch: int, text_len: int, guided: bool) -> float:
     """FLOPs `parti.sampling.generate` performs for all T tokens (KV cache: one token per row per step),
     plus encode_condition. Guidance doubles the rows for everything but cross-attention: the null rows'
-    cross-attention output is a constant per layer (`Generator.null_cross_outputs`), not counted here."""
+    cross-attention output is a constant per layer (`parti.decoding.null_cross_outputs`), not counted here.
+    The compiled step attends over all T cached positions (masked) and so does more work than counted."""
     d, T, L, V = c.dim, c.seq_len, text_len, c.num_codes
     rows = 2 * batch if guided else batch
     hidden = int(c.dim * c.mlp_ratio)

@@ -8,11 +8,15 @@ A generator run folder is self-contained:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from parti.decoding import use_compile
+from parti.device import default_device
 from parti.errors import PartiError
 from parti.generator import Generator, load_generator
 from parti.hub import resolve_checkpoint
@@ -27,9 +31,38 @@ class PipelineOutput:
     prompts: list[str]  # the prompt of each image
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise PartiError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise PartiError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+MAX_IMAGES_PER_CALL = 10_000  # 1.8 GiB of fp32 images at 128 px: a FID sample is made in a few calls
+
+
 class Pipeline:
-    def __init__(self, *, tokenizer: VQTokenizer, generator: Generator, text_encoder, device: torch.device):
+    """compile: decode through the compiled step of `parti.decoding` (True, False or "auto": CUDA, and
+    CPUs where it measured faster); compiled once per process and batch shape, eager where unavailable."""
+
+    def __init__(self, *, tokenizer: VQTokenizer, generator: Generator, text_encoder, device: torch.device,
+                 compile: bool | str = "auto"):
+        use_compile(compile, torch.device(device))  # a bad value fails here, not at the first prompt
         self.tokenizer, self.generator, self.text_encoder, self.device = tokenizer, generator, text_encoder, device
+        self.compile = compile
+
+    def _check_size(self, n: int) -> None:
+        """The images of one call are held together: refuse a call whose result would not fit comfortably."""
+        size = self.tokenizer.config.image_size
+        need = n * 3 * size * size * 4  # fp32 (n, 3, S, S)
+        if n > MAX_IMAGES_PER_CALL:
+            raise PartiError(f"num_images_per_prompt x prompts = {n} images ({need / 2**30:.1f} GiB at {size} px) is "
+                             f"more than one call makes ({MAX_IMAGES_PER_CALL}); call in parts, with other seeds")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str] | str, sampling: SamplingParams = SamplingParams(), *,
@@ -38,51 +71,79 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PartiError("no prompts given; pass at least one prompt")
-        if num_images_per_prompt < 1:
-            raise PartiError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        params = sampling
-        rows = [p for p in prompts for _ in range(num_images_per_prompt)]
-        rng = torch.Generator(device=self.device).manual_seed(seed)
+        if not isinstance(sampling, SamplingParams):
+            raise PartiError(f"sampling must be a parti.SamplingParams, got {type(sampling).__name__}")
+        per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
+        batch_size = _positive_int("batch_size", batch_size)
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        self._check_size(len(rows))
+        rng = torch.Generator(device=self.device).manual_seed(_check_seed(seed))
         codes = []
-        for i in range(0, len(rows), batch_size):
+        for i in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch",
+                      disable=len(rows) <= batch_size):
             chunk = rows[i:i + batch_size]
             states, mask = self.text_encoder.encode(chunk)
             ctx, ctx_mask = self.generator.encode_condition(states.to(self.device), mask.to(self.device))
-            codes.append(generate(self.generator, ctx, ctx_mask, params=params, generator=rng))
+            codes.append(generate(self.generator, ctx, ctx_mask, params=sampling, generator=rng,
+                                  compile=self.compile))
         g = self.tokenizer.config.grid_size
         codes = torch.cat(codes).reshape(-1, g, g)
         images = torch.cat([self.tokenizer.decode(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
         return PipelineOutput(images=images.clamp(-1, 1), codes=codes if return_codes else None, prompts=rows)
 
 
-def load_text_encoder_for(folder: Path, record: dict, *, device, text_encoder_path: str | None = None):
+def load_text_encoder_for(folder: Path, data: dict, *, device, text_encoder_path: str | None = None):
+    """The text encoder a generator folder's config.json (`data`) records: its own text_encoder/ folder when
+    trained jointly; a frozen T5 from `text_encoder_path`, else from where training loaded it (a hub name or a
+    local folder), else by its hub name. A frozen T5 must have the fingerprint the generator was trained with."""
     from parti import text
 
+    record = data.get("text_encoder") or {}
+    if text_encoder_path is not None and not Path(text_encoder_path).expanduser().is_dir():
+        raise PartiError(f"--text-encoder-path {text_encoder_path} does not exist; give the folder of the T5 the "
+                         f"generator was trained with")
     if record.get("kind") == "trainable":
+        if text_encoder_path is not None:
+            raise PartiError(f"{folder} was trained with its own text encoder ({folder}/text_encoder); "
+                             f"--text-encoder-path is for generators trained with a frozen T5: drop it")
         encoder = text.load_text_encoder(folder / "text_encoder", device=device).eval()
         made = encoder.identity().get("fingerprint")
         if record.get("fingerprint") not in (None, made):
             raise PartiError(f"{folder}/text_encoder is not the text encoder the generator was trained with "
                              f"({made} != {record.get('fingerprint')}); use the run's own text_encoder/ folder")
         return encoder
-    name = text_encoder_path or record.get("source") or record.get("name")
+    source = data.get("text_encoder_source") or record.get("source")
+    if text_encoder_path is None and source and _is_path(source) and not Path(source).expanduser().is_dir():
+        raise PartiError(f"{folder} was trained with the T5 in folder {source}, which is not here; pass "
+                         f"--text-encoder-path (text_encoder_path=) with that T5's folder")
+    name = text_encoder_path or source or record.get("name")
     encoder = text.load_t5(name, max_length=record.get("max_length", 128), device=device)
-    if text_encoder_path is None and encoder.identity().get("fingerprint") != record.get("fingerprint"):
-        raise PartiError(f"T5 {name!r} differs from the one the generator was trained with; pass the original")
+    if encoder.identity().get("fingerprint") != record.get("fingerprint"):
+        raise PartiError(f"T5 {name!r} is not the one the generator was trained with (its fingerprint differs); "
+                         f"pass --text-encoder-path with the original's folder")
     return encoder
+
+
+def _is_path(name: str) -> bool:
+    """A T5 given as a folder rather than a hub name (the forms `parti.text.load_t5` reads as paths)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().is_dir()
 
 
 SAMPLING_DTYPES = ("auto", "fp32", "bf16")
 
 
 def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on a CUDA device that has
-    it, else fp32. bf16 halves the bytes each decoding step reads (weights and cache), which bound
-    sampling at small batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
+    """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on CUDA devices of compute
+    capability 8.0 or more (Ampere on), else fp32: the rule of `parti.runs.choose_mixed_precision`, which
+    goes by capability because torch reports bf16 as supported on a T4 (7.5), where it is emulated and
+    slow. Where training would use fp16, sampling keeps fp32: fp16 logits and cache risk overflow.
+    bf16 halves the bytes each decoding step reads (weights and cache), which bound sampling at small
+    batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
     if name not in SAMPLING_DTYPES:
         raise PartiError(f"dtype must be one of {', '.join(SAMPLING_DTYPES)}; got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if cuda_bf16 else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
@@ -95,14 +156,15 @@ def as_sampling_dtype(generator: Generator, dtype: torch.dtype) -> Generator:
 
 
 def load_pipeline(folder: str | Path, *, device: str | torch.device | None = None,
-                  text_encoder_path: str | None = None, dtype: str = "auto", revision: str | None = None) -> Pipeline:
+                  text_encoder_path: str | None = None, dtype: str = "auto",
+                  compile: bool | str = "auto", revision: str | None = None) -> Pipeline:
     """Everything needed to go from prompts to images, from a generator folder alone.
 
     dtype: the generator's weights for sampling ("auto", "fp32", "bf16"; see `sampling_dtype`). Logits
-    are fp32 either way; the tokenizer and text encoder stay fp32.
+    are fp32 either way; the tokenizer and text encoder stay fp32. compile: see `Pipeline`.
     """
     folder = resolve_checkpoint(folder, revision=revision)  # a Hub repo id 'user/name[@rev]' -> its cached folder
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     weights = sampling_dtype(dtype, device)
     generator, data = load_generator(folder, device=device)
     generator = as_sampling_dtype(generator, weights)
@@ -110,9 +172,10 @@ def load_pipeline(folder: str | Path, *, device: str | torch.device | None = Non
     if tokenizer.fingerprint() != data.get("tokenizer_fingerprint"):
         raise PartiError(f"{folder}/tokenizer is not the tokenizer the generator was trained with "
                          f"({tokenizer.fingerprint()} != {data.get('tokenizer_fingerprint')})")
-    encoder = load_text_encoder_for(folder, data.get("text_encoder") or {}, device=device,
+    encoder = load_text_encoder_for(folder, data, device=device,
                                     text_encoder_path=text_encoder_path)
-    return Pipeline(tokenizer=tokenizer, generator=generator, text_encoder=encoder, device=device)
+    return Pipeline(tokenizer=tokenizer, generator=generator, text_encoder=encoder, device=device,
+                    compile=compile)
 
 
 def check_tokenizer(generator_folder: str | Path, tokenizer: VQTokenizer) -> None:

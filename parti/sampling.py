@@ -1,49 +1,60 @@
 """Sampling image codes from the generator: a pure function of model + context + parameters + RNG.
 
-`generate` pre-allocates the KV cache, computes cross-attention keys/values once per prompt, and
-feeds one token per step; with guidance, conditional and null rows run in one batch and the logits
-are mixed as uncond + scale * (cond - uncond). `generate_naive` recomputes the whole prefix every
+`generate` feeds one token per step through a `parti.decoding.Decoder` (pre-allocated KV cache,
+cross-attention keys/values once per prompt, eager or compiled); with guidance, conditional and null
+rows run in one batch and the logits are mixed as uncond + scale * (cond - uncond). `generate_naive` recomputes the whole prefix every
 step: slow and obvious, kept so the fast path can be tested against it.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
+from parti.decoding import decoder_for
 from parti.errors import PartiError
 from parti.generator import Generator
 
 
+def _number(name: str, value, rule: str) -> float:
+    """A finite real number (not a bool), else a one-line PartiError that names `rule`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise PartiError(f"{name} must be a finite number {rule}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    guidance_scale: float = 3.0
+    guidance_scale: float = 3.0  # 1 = no guidance (conditional rows only)
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if _number("temperature", self.temperature, ">= 0 (0 is greedy)") < 0:
             raise PartiError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise PartiError(f"top_k must be >= 1 (or unset), got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise PartiError(f"top_p must be in (0, 1] (or unset), got {self.top_p}")
-        if self.guidance_scale < 0:
+        if _number("guidance_scale", self.guidance_scale, ">= 0 (1 = no guidance)") < 0:
             raise PartiError(f"guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)
+                                       or self.top_k < 1):
+            raise PartiError(f"top_k must be an int >= 1 (or None), got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < _number("top_p", self.top_p, "in (0, 1] (or None)") <= 1.0:
+            raise PartiError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
 
 
 def select_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, K) -> next tokens (B,). Top-k (exactly k tokens), then top-p (nucleus),
     then one draw per row by inverse CDF: one uniform number per row instead of torch.multinomial's K
-    exponentials, which were 7% of a batch-16 sampling run on CPU. Same distribution, another stream."""
+    exponentials per row (a visible share of a decoding step). Same distribution, another stream."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     index = None  # vals[:, j] is token index[:, j] (None: token j)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
-        # The draw below needs no order; top-p sorts what it keeps. Unsorted is 1.4x faster for 819 of 8192.
+        # The draw below needs no order and top-p sorts what it keeps, so skip topk's sort.
         logits, index = torch.topk(logits, params.top_k, dim=-1, sorted=False)
     if params.top_p is not None and params.top_p < 1.0:
         order = torch.sort(logits, dim=-1, descending=True)
@@ -70,37 +81,35 @@ def _guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
 
 
 def generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor, *,
-             params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None) -> torch.Tensor:
-    """context (B, L, dim), mask (B, L) from `model.encode_condition` -> codes (B, T) long."""
-    # inference_mode, not no_grad: no version counters or view tracking on the ~40 small ops of each of the
-    # 6 x 256 layer steps (guided sampling 1.07x faster at batch 1, 1.03x at 4 and 16 on CPU). The codes are
-    # copied out so that callers get an ordinary tensor they may modify in place.
+             params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
+             compile: bool | str = False) -> torch.Tensor:
+    """context (B, L, dim), mask (B, L) from `model.encode_condition` -> codes (B, T) long.
+
+    compile: True, False or "auto": run each step through the compiled, static-shape step of
+    `parti.decoding` (compiled once per process and shape; eager where compilation is unavailable)."""
+    # inference_mode, not no_grad: no version counters or view tracking on the many small ops of each
+    # step. The codes are copied out so that callers get an ordinary tensor they may modify in place.
     with torch.inference_mode():
-        codes = _generate(model, context, context_mask, params, generator)
+        codes = _generate(model, context, context_mask, params, generator, compile)
     return codes.clone()
 
 
 def _generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor, params: SamplingParams,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: torch.Generator | None, compile: bool | str) -> torch.Tensor:
     b, T = context.shape[0], model.config.seq_len
     guided = params.guidance_scale != 1.0
-    # With guidance the null rows run below the conditional ones; their cross-attention output is a
-    # constant per layer (`Generator.null_cross_outputs`), so only the conditional rows attend to text.
-    rows = 2 * b if guided else b
-    null_outs = model.null_cross_outputs() if guided else None
-    cache = model.new_cache(rows)
-    ctx_kv = model.context_kv(context)
+    # With guidance the step runs 2B rows, the null ones below the conditional ones.
+    decoder = decoder_for(model, batch=b, guided=guided, context_len=context.shape[1], compile=compile)
+    decoder.start(context, context_mask, model)
     out = torch.empty(b, T, dtype=torch.long, device=context.device)
-    token = torch.full((rows, 1), model.bos, dtype=torch.long, device=context.device)
-    with model.packed_for_decoding(rows, context_rows=b):
-        for pos in range(T):
-            logits = model.decode(token, pos=pos, cache=cache, ctx_kv=ctx_kv, ctx_mask=context_mask,
-                                  null_outs=null_outs)[:, -1]
-            if guided:
-                logits = _guide(logits, b, params.guidance_scale)
-            nxt = select_next(logits, params, generator)
-            out[:, pos] = nxt
-            token = (torch.cat([nxt, nxt]) if guided else nxt)[:, None]
+    token = torch.full((decoder.rows, 1), model.bos, dtype=torch.long, device=context.device)
+    for pos in range(T):
+        logits = decoder.step(token, pos)  # (rows, K) fp32
+        if guided:
+            logits = _guide(logits, b, params.guidance_scale)
+        nxt = select_next(logits, params, generator)  # (B,)
+        out[:, pos] = nxt
+        token = (torch.cat([nxt, nxt]) if guided else nxt)[:, None]
     return out
 
 

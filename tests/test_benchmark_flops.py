@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from parti import layers
+from parti import decoding
 from parti.generator import build_generator
 from parti.sampling import SamplingParams, generate
 
@@ -19,7 +19,7 @@ import common  # noqa: E402
 
 @pytest.fixture
 def counted(monkeypatch):
-    monkeypatch.setattr(layers, "mkl_packing_available", lambda: False)
+    monkeypatch.setattr(decoding, "mkl_packing_available", lambda: False)
 
     def count(fn):
         with sdpa_kernel(SDPBackend.MATH):
@@ -49,7 +49,7 @@ def test_generator_flop_formulas_match_the_counted_operations(counted, text_laye
         assert counted(sample) == want, scale
 
 
-def test_decode_parts_benchmark_times_the_linears_a_guided_step_runs():
+def test_decode_parts_benchmark_times_the_linears_a_guided_step_runs(monkeypatch):
     """benchmarks/bench_decode_parts.py times `decode_linears` as the linear work of sampling: the same
     modules at the same row counts as one guided decoding step of `generate`."""
     from bench_decode_parts import decode_linears
@@ -58,16 +58,17 @@ def test_decode_parts_benchmark_times_the_linears_a_guided_step_runs():
     gen = build_generator("tiny").eval()
     b = 3
     seen = []
-    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0].reshape(-1, m.in_features).shape[0])))
-             for m in gen.modules() if isinstance(m, layers.Linear)]
+    real = decoding.PackedLinear.__call__
+
+    def spy(self, x):
+        seen.append((self.linear, x.reshape(-1, self.linear.in_features).shape[0]))
+        return real(self, x)
+
     ctx, mask = gen.encode_condition(torch.randn(b, 4, gen.config.text_dim), torch.ones(b, 4, dtype=torch.bool))
-    seen.clear()  # the text side runs once per prompt, not per step
-    ctx_kv, null_outs = gen.context_kv(ctx), gen.null_cross_outputs()
-    seen.clear()
-    token = torch.full((2 * b, 1), gen.bos)
     with torch.no_grad():
-        gen.decode(token, pos=0, cache=gen.new_cache(2 * b), ctx_kv=ctx_kv, ctx_mask=mask, null_outs=null_outs)
-    for h in hooks:
-        h.remove()
+        decoder = decoding.Decoder(gen, batch=b, guided=True, context_len=4)
+        decoder.start(ctx, mask, gen)  # the text side runs once per prompt, not per step
+        monkeypatch.setattr(decoding.PackedLinear, "__call__", spy)
+        decoder.step(torch.full((2 * b, 1), gen.bos), 0)
     key = lambda pairs: sorted((id(m), rows) for m, rows in pairs)  # noqa: E731
     assert key(seen) == key(decode_linears(gen, b))

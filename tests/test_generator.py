@@ -1,6 +1,5 @@
 """Stage-2 model and sampling: KV cache vs naive, causality, guidance, seeds, save/load, overfitting."""
 
-import contextlib
 import json
 
 import pytest
@@ -9,8 +8,8 @@ import torch.nn.functional as F
 
 from parti.errors import PartiError
 from parti.generator import build_generator, load_generator, save_generator
-from parti.layers import (MIN_PACKED_ROWS, Linear, mkl_packing_available, onednn_bf16_packing_available,
-                          packed_for_rows)
+from parti.decoding import (MIN_PACKED_ROWS, Decoder, PackedLinear, mkl_packing_available, null_cross_outputs,
+                            onednn_bf16_packing_available)
 from parti.sampling import SamplingParams, generate, generate_naive, select_next
 
 
@@ -60,35 +59,32 @@ needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch h
 @pytest.mark.parametrize("shape", [(8, 64), (3, 1, 64), (8, 1, 64), (40, 64)])
 def test_packed_linear_matches_linear_for_any_rows(shape):
     torch.manual_seed(0)
-    layer = Linear(64, 96)
+    layer = torch.nn.Linear(64, 96)
     x = torch.randn(*shape)
     want = F.linear(x, layer.weight, layer.bias)
-    with torch.no_grad(), packed_for_rows([layer], rows=8):
-        assert layer.packed is not None
-        got = layer(x)
-    assert layer.packed is None  # the packed copy is dropped on exit
+    packed = PackedLinear(layer, rows=8)
+    with torch.no_grad():
+        assert packed.kind == "mkl"
+        got = packed(x)
+    assert set(vars(layer)) == set(vars(torch.nn.Linear(64, 96)))  # the layer itself holds no packed copy
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_mkl
-def test_packing_is_left_on_errors_and_skipped_with_autograd():
-    layer = Linear(16, 16)
-    with pytest.raises(KeyError), torch.no_grad(), packed_for_rows([layer], rows=4):
-        raise KeyError("boom")
-    assert layer.packed is None
+def test_packing_is_skipped_with_autograd():
+    layer = torch.nn.Linear(16, 16)
+    packed = PackedLinear(layer, rows=4)
+    assert packed.kind == "mkl"
     x = torch.randn(4, 16, requires_grad=True)
-    with packed_for_rows([layer], rows=4):
-        layer(x).sum().backward()  # grad mode: the plain path, so gradients flow
+    packed(x).sum().backward()  # grad mode: the plain path, so gradients flow
     assert x.grad is not None and layer.weight.grad is not None
 
 
 def test_packing_skips_other_dtypes_and_few_fp32_rows():
-    layer = Linear(16, 16).to(torch.float16)
-    with packed_for_rows([layer], rows=4):
-        assert layer.packed is None
-    layer = Linear(16, 16)
-    with packed_for_rows([layer], rows=MIN_PACKED_ROWS - 1):  # weight-bound: packing would cost more
-        assert layer.packed is None
+    layer = torch.nn.Linear(16, 16).to(torch.float16)
+    assert PackedLinear(layer, rows=4).kind is None
+    layer = torch.nn.Linear(16, 16)
+    assert PackedLinear(layer, rows=MIN_PACKED_ROWS - 1).kind is None  # weight-bound: packing would cost more
 
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_packing_available(), reason="no oneDNN bf16 packed GEMM")
@@ -98,81 +94,81 @@ needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_packing_available(), reas
 @pytest.mark.parametrize("rows", [1, 2, 8])
 def test_bf16_packed_linear_matches_linear_for_any_rows(rows):
     torch.manual_seed(0)
-    layer = Linear(64, 96).to(torch.bfloat16)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    packed = PackedLinear(layer, rows=rows)
     for shape in [(rows, 64), (rows, 1, 64), (rows + 5, 64)]:
         x = torch.randn(*shape, dtype=torch.bfloat16)
         want = F.linear(x, layer.weight, layer.bias)
-        with torch.no_grad(), packed_for_rows([layer], rows=rows):
-            assert layer.packed is not None and layer.packed[2] == "onednn"
-            got = layer(x)
-        assert layer.packed is None
+        with torch.no_grad():
+            assert packed.kind == "onednn"
+            got = packed(x)
         assert got.dtype == torch.bfloat16 and got.shape == want.shape
         # Both round to bf16 once from an fp32 accumulation: equal up to a bf16 step.
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
-    with packed_for_rows([layer], rows=rows):
-        layer(x).float().sum().backward()  # grad mode: the plain path, so gradients flow
+    packed(x).float().sum().backward()  # grad mode: the plain path, so gradients flow
     assert x.grad is not None and layer.weight.grad is not None
 
 
 @needs_onednn_bf16
 def test_bf16_sampler_packs_its_blocks_and_samples_like_the_unpacked_one(monkeypatch):
-    from parti import layers
+    from parti import decoding
     from parti.pipeline import as_sampling_dtype
 
     torch.manual_seed(0)
     model = as_sampling_dtype(build_generator("tiny"), torch.bfloat16).eval()
     ctx, mask = condition(model)
     seen = []
-    real = layers.packed_for_rows
+    real = decoding.PackedLinear
 
-    def spy(linears, rows):
-        linears = list(linears)
-        seen.extend(m.weight.dtype for m in linears)
-        return real(linears, rows)
+    def spy(linear, rows):
+        out = real(linear, rows)
+        seen.append((linear.weight.dtype, out.kind))
+        return out
 
-    monkeypatch.setattr("parti.generator.packed_for_rows", spy)
+    monkeypatch.setattr(decoding, "PackedLinear", spy)
     params = SamplingParams(temperature=0.0, guidance_scale=2.0)
     packed = generate(model, ctx, mask, params=params)
-    assert torch.bfloat16 in seen
-    monkeypatch.setattr(layers, "onednn_bf16_packing_available", lambda: False)
+    assert (torch.bfloat16, "onednn") in seen
+    monkeypatch.setattr(decoding, "onednn_bf16_packing_available", lambda: False)
     plain = generate(model, ctx, mask, params=params)
     # Greedy decoding through the same bf16 weights: the packed product must not change the argmax often.
     assert (packed == plain).float().mean() > 0.9
 
 
-def test_decoding_steps_match_teacher_forcing_with_and_without_packed_weights():
+def decode_all(decoder, inputs, steps):
+    """Logits (rows, steps, K) of `steps` decoding steps fed inputs[:, p] at position p."""
+    return torch.stack([decoder.step(inputs[:, p:p + 1], p) for p in range(steps)], dim=1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_decoding_steps_match_teacher_forcing_with_and_without_packed_weights(static):
     torch.manual_seed(0)
     model = build_generator("tiny", grid_size=4).eval()
     ctx, mask = condition(model, b=4)
     codes = torch.randint(0, model.config.num_codes, (4, 3))
     inputs = torch.cat([torch.full_like(codes[:, :1], model.bos), codes[:, :-1]], dim=1)
     with torch.no_grad():
-        ctx_kv = model.context_kv(ctx)
         want = model(codes, ctx, mask)  # teacher forcing through SDPA: no cache, no packing
-
-        def decode_all():
-            cache = model.new_cache(4)
-            return torch.cat([model.decode(inputs[:, p:p + 1], pos=p, cache=cache, ctx_kv=ctx_kv, ctx_mask=mask)
-                              for p in range(3)], dim=1)
-
-        plain = decode_all()
-        with model.packed_for_decoding(4):
-            assert model.head.packed is not None or not mkl_packing_available()
-            packed = decode_all()
-    torch.testing.assert_close(plain, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(packed, want, rtol=1e-4, atol=1e-4)
+        got = {}
+        for packed in (False, True):
+            decoder = Decoder(model, batch=4, guided=False, context_len=ctx.shape[1], static=static, packed=packed)
+            if packed:
+                assert decoder.head_linear.kind == ("mkl" if mkl_packing_available() else None)
+            decoder.start(ctx, mask, model)
+            got[packed] = decode_all(decoder, inputs, 3)
+    torch.testing.assert_close(got[False], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[True], want, rtol=1e-4, atol=1e-4)
 
 
 def test_null_rows_cross_attention_output_is_the_constant_whatever_the_query(gen):
     torch.manual_seed(0)
     null_x, null_mask = gen.null_condition(4, 5)  # one unmasked key among five
     with torch.no_grad():
-        outs = gen.null_cross_outputs()
+        outs = null_cross_outputs(gen)
         for layer, want in zip(gen.layers, outs):
-            k, v = layer.cross_attn.project_kv(null_x)
             x = torch.randn(4, 3, gen.config.dim) * 3
-            got = layer.cross_attn.attend(x, k, v, mask=null_mask[:, None, None, :])
+            got = layer.cross_attn(x, null_x, mask=null_mask[:, None, None, :])
             torch.testing.assert_close(got, want.expand_as(got), rtol=1e-5, atol=1e-6)
     assert len(outs) == gen.config.depth and outs[0].shape == (1, 1, gen.config.dim)
 
@@ -186,24 +182,22 @@ def test_decoding_with_null_outputs_matches_null_rows_in_the_batch(packed):
     null_x, null_mask = model.null_condition(b, ctx.shape[1])
     codes = torch.randint(0, model.config.num_codes, (b, 5))
     inputs = torch.cat([torch.full_like(codes[:, :1], model.bos), codes[:, :-1]], dim=1).repeat(2, 1)
-
-    def decode_all(ctx_kv, ctx_mask, null_outs):
-        cache = model.new_cache(2 * b)
-        return torch.cat([model.decode(inputs[:, p:p + 1], pos=p, cache=cache, ctx_kv=ctx_kv, ctx_mask=ctx_mask,
-                                       null_outs=null_outs) for p in range(5)], dim=1)
+    n = ctx.shape[1]
 
     with torch.no_grad():
-        want = decode_all(model.context_kv(torch.cat([ctx, null_x])), torch.cat([mask, null_mask]), None)
-        with model.packed_for_decoding(2 * b, context_rows=b) if packed else contextlib.nullcontext():
-            if packed and mkl_packing_available():
-                assert model.layers[0].cross_attn.q.packed[1] == b and model.layers[0].mlp.fc1.packed[1] == 2 * b
-            got = decode_all(model.context_kv(ctx), mask, model.null_cross_outputs())
-    assert model.layers[0].cross_attn.q.packed is None  # freed on exit
+        plain = Decoder(model, batch=2 * b, guided=False, context_len=n, packed=packed)
+        plain.start(torch.cat([ctx, null_x]), torch.cat([mask, null_mask]), model)
+        want = decode_all(plain, inputs, 5)
+        guided = Decoder(model, batch=b, guided=True, context_len=n, packed=packed)
+        if packed and mkl_packing_available():
+            assert guided.linears[0]["cq"].rows == b and guided.linears[0]["fc1"].rows == 2 * b
+        guided.start(ctx, mask, model)
+        got = decode_all(guided, inputs, 5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # The conditional and null halves differ: the shortcut did not just copy one into the other.
     assert (got[:b] - got[b:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="rows"):
-        model.decode(inputs[:, :1], pos=0, cache=model.new_cache(2 * b), ctx_kv=model.context_kv(ctx), ctx_mask=mask)
+        plain.start(ctx, mask, model)
 
 
 def test_causality(gen):
@@ -297,10 +291,22 @@ def test_draws_follow_the_filtered_softmax(params, keep):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"temperature": -1.0}, "temperature"), ({"guidance_scale": -1.0}, "guidance_scale")])
+    ({"temperature": -1.0}, "temperature"), ({"guidance_scale": -1.0}, "guidance_scale"),
+    # nan < 0 is False: without a finiteness check guidance_scale=nan would sample constant codes
+    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"), ({"guidance_scale": "3"}, "guidance_scale"), ({"temperature": True}, "temperature"),
+    ({"top_k": 2.5}, "top_k"), ({"top_k": True}, "top_k"), ({"top_k": "50"}, "top_k"), ({"top_k": 50.0}, "top_k")])
 def test_invalid_sampling_params(kwargs, message):
-    with pytest.raises(PartiError, match=message):
+    with pytest.raises(PartiError, match=message) as e:
         SamplingParams(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_valid_sampling_params_of_other_number_types():
+    import numpy as np
+
+    assert SamplingParams(guidance_scale=3, temperature=np.float32(0.5), top_k=np.int64(5), top_p=1).top_k == 5
 
 
 def test_save_load_same_logits(gen, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from parti.errors import PartiError
+from parti.sampling import SamplingParams
 
 
 def run(*args, check=True):
@@ -112,8 +113,8 @@ def test_bf16_sampling_follows_fp32(runs):
     assert bf16.generator.head.weight.dtype == torch.float32  # logits are fp32 either way
     assert sampling_dtype("auto", torch.device("cpu")) == torch.float32
     prompts = ["red hair", "blue background", "a hat", "green background"]
-    a = fp32(prompts, temperature=0, return_codes=True)
-    b = bf16(prompts, temperature=0, return_codes=True)
+    a = fp32(prompts, SamplingParams(temperature=0), return_codes=True)
+    b = bf16(prompts, SamplingParams(temperature=0), return_codes=True)
     assert b.images.dtype == torch.float32 and torch.isfinite(b.images).all()
     assert (a.codes == b.codes).float().mean() > 0.5
     states, mask = fp32.text_encoder.encode(prompts)
@@ -203,3 +204,54 @@ def test_encode_command_and_cache_contents(runs, tmp_path):
     assert len(cache) == 40 and cache.codes[0].dtype.name == "uint16"
     item = cache[5]
     assert item["codes"].shape == (64,) and isinstance(item["caption"], str) and item["caption"]
+
+
+@pytest.mark.parametrize("capability, want", [((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_sampling_dtype_follows_compute_capability(monkeypatch, capability, want):
+    """A T4 (7.5) reports bf16 as supported but only emulates it: auto keeps fp32 there, like the training
+    rule (parti.runs.choose_mixed_precision), and picks bf16 from Ampere (8.0) on."""
+    from parti.pipeline import sampling_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert sampling_dtype("auto", torch.device("cuda")) == want
+    assert sampling_dtype("fp32", torch.device("cuda")) == torch.float32
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_folders):
+    import parti
+    return parti.load_pipeline(tiny_folders / "gen", device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_images_per_prompt": 2.5}, "num_images_per_prompt must be a positive int"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive int"),
+    ({"num_images_per_prompt": True}, "num_images_per_prompt must be a positive int"),
+    ({"batch_size": 0}, "batch_size must be a positive int"), ({"batch_size": 2.5}, "batch_size must be a positive int"),
+    ({"seed": -1}, "seed must be an int"), ({"seed": 2**63}, "seed must be an int"), ({"seed": 1.5}, "seed must be an int"),
+    ({"seed": "1"}, "seed must be an int")])
+def test_pipeline_rejects_bad_arguments_in_one_line(tiny_pipe, kwargs, message):
+    with pytest.raises(PartiError, match=message) as e:
+        tiny_pipe("red hair", **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_pipeline_takes_sampling_params_whole(tiny_pipe):
+    with pytest.raises(PartiError, match="sampling must be a parti.SamplingParams"):
+        tiny_pipe("red hair", {"guidance_scale": 2.0})
+    with pytest.raises(TypeError):
+        tiny_pipe("red hair", guidance_scale=2.0)  # the old unpacked keywords are gone
+    greedy = SamplingParams(temperature=0, guidance_scale=2.0)
+    a = tiny_pipe(["red hair", "a hat"], greedy, seed=2**63 - 1, batch_size=1, return_codes=True)
+    b = tiny_pipe(["red hair", "a hat"], greedy, seed=0, return_codes=True)
+    assert torch.equal(a.codes, b.codes)  # greedy: the seed and the batching do not matter
+    c = tiny_pipe(["red hair", "a hat"], SamplingParams(temperature=0, guidance_scale=1.0), return_codes=True)
+    assert not torch.equal(a.codes, c.codes)  # the guidance scale reached the sampler
+
+
+def test_pipeline_compile_option(tiny_folders):
+    import parti
+    with pytest.raises(PartiError, match="compile must be True, False or 'auto'"):
+        parti.load_pipeline(tiny_folders / "gen", device="cpu", compile="yes")
+    assert parti.load_pipeline(tiny_folders / "gen", device="cpu", compile=False).compile is False

@@ -1,0 +1,320 @@
+"""The sampler's fast path: one cached decoding step of a `Generator`, eager or compiled.
+
+A `Decoder` is built from a generator for a fixed number of prompts (and text length). It holds what
+decoding needs beside the weights, so the model itself stays a plain teacher-forcing network:
+  - the KV cache, pre-allocated at full length: depth x (k, v), each (rows, H, T, head_dim);
+  - the text's cross-attention keys/values, computed once per prompt: (depth, B, H, L, head_dim);
+  - with guidance, the null rows' cross-attention output, a constant per layer (`null_cross_outputs`),
+    so only the B conditional rows of the 2B attend to text;
+  - on CPU (eager), copies of the linear weights packed for the row count (`PackedLinear`).
+`Decoder.step(token, pos)` runs one token per row through the network: (rows, 1) -> logits (rows, K).
+
+Compiled (`decoder_for(..., compile=True)`): every step has the same shapes (attention over the whole
+cache with positions after `pos` masked, `pos` a tensor), so `torch.compile` builds one graph and CUDA
+graphs (`mode="reduce-overhead"`) replay it. The compiled decoder is cached per generator and shape for
+the process; compilation failures log one warning and decoding runs eager, which is also the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parti.errors import PartiError
+from parti.generator import Generator
+
+log = logging.getLogger(__name__)
+
+# Below this many rows an fp32 decoding step is bound by reading the weights, and packing them (a copy
+# per `generate` call) cost more than it saved. bf16 packs at any row count: there the packed product
+# is the one that reads the weights at full bandwidth (docs/benchmarks.md).
+MIN_PACKED_ROWS = 4
+COMPILE_CHOICES = (True, False, "auto")
+
+
+def mkl_packing_available() -> bool:
+    try:
+        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_bf16_packing_available() -> bool:
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear:
+    """`linear` applied through a copy of its weight packed for the CPU's GEMM at `rows` rows: decoding
+    multiplies the same weights by a few rows T times. fp32 through MKL's packed GEMM (from
+    MIN_PACKED_ROWS rows), bf16 through oneDNN's (AMX where the CPU has it). `kind` is None where
+    neither applies (GPUs, ARM, other dtypes, few fp32 rows): the plain product. The copy is a snapshot:
+    build a new one after the weights change."""
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        self.linear, self.rows, self.kind, self.packed = linear, rows, None, None
+        w = linear.weight.detach()
+        if w.device.type != "cpu":
+            return
+        if w.dtype == torch.float32 and rows >= MIN_PACKED_ROWS and mkl_packing_available():
+            self.kind, self.packed = "mkl", torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        elif w.dtype == torch.bfloat16 and onednn_bf16_packing_available():
+            self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.linear.weight, self.linear.bias
+        if self.kind is None or torch.is_grad_enabled():  # the packed kernels have no backward
+            return F.linear(x, w, b)
+        if self.kind == "onednn":  # any number of rows runs on the packed copy
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, b, "none", [], "")
+        # Any number of rows is correct; only `rows` rows use the packed copy, others the plain GEMM on w.
+        return torch.ops.mkl._mkl_linear(x, self.packed, w, b, self.rows)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, t, D) -> (B, H, t, D/H), a view."""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def context_kv(model: Generator, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cross-attention keys/values of `context` (B, L, dim), once per prompt: depth x two (B, H, L, d),
+    contiguous, so that decoding steps do not copy strided views at every token."""
+    out = []
+    for layer in model.layers:
+        kv = layer.cross_attn.kv(context).view(context.shape[0], context.shape[1], 2, model.config.heads, -1)
+        out.append((kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()))
+    return out
+
+
+def null_cross_outputs(model: Generator) -> list[torch.Tensor]:
+    """Per decoder layer, the cross-attention output of a null row: (1, 1, dim). The null condition leaves
+    one key unmasked, so attention puts all its weight there whatever the query, and the output is the
+    out-projection of that key's value."""
+    x, _ = model.null_condition(1, 1)
+    outs = []
+    for layer in model.layers:
+        v = layer.cross_attn.kv(x)[..., model.config.dim:]  # (1, 1, dim): the value half
+        outs.append(layer.cross_attn.out(v))
+    return outs
+
+
+class Decoder(nn.Module):
+    """Cached decoding of `model` for `batch` prompts of `context_len` text tokens. With `guided`, the
+    step runs 2 * batch rows: the conditional ones, then null rows (classifier-free guidance).
+
+    static: every step attends over the whole cache, positions after `pos` masked (one shape for all
+    steps: what torch.compile and CUDA graphs need); else over the first pos + 1 positions (less work
+    in eager). packed: CPU linears through `PackedLinear` (eager only: the copies are snapshots)."""
+
+    def __init__(self, model: Generator, *, batch: int, guided: bool, context_len: int, static: bool = False,
+                 packed: bool = True):
+        super().__init__()
+        c = model.config
+        self.batch, self.guided, self.static, self.heads = batch, guided, static, c.heads
+        self.rows = 2 * batch if guided else batch
+        # The generator's pieces (shared, not copied); not the Generator itself, so that a cached
+        # Decoder does not keep its model alive.
+        self.token_emb, self.row_emb, self.col_emb = model.token_emb, model.row_emb, model.col_emb
+        self.layers, self.norm, self.head = model.layers, model.norm, model.head
+        self.register_buffer("row_of", model.rows, persistent=False)
+        self.register_buffer("col_of", model.cols, persistent=False)
+        p = next(model.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
+        d, kw = c.dim // c.heads, {"dtype": p.dtype, "device": p.device}
+        # One buffer per layer and k/v, written in place: a write into a view of one big buffer would make
+        # the compiled step rebuild that whole buffer (functionalisation) at every layer.
+        self.cache = []  # depth x (k, v), each (rows, H, T, d)
+        for i in range(c.depth):
+            for name in ("k", "v"):
+                self.register_buffer(f"cache_{name}{i}", torch.zeros(self.rows, c.heads, c.seq_len, d, **kw),
+                                     persistent=False)
+            self.cache.append((getattr(self, f"cache_k{i}"), getattr(self, f"cache_v{i}")))
+        self.register_buffer("ctx_kv", torch.zeros(c.depth, 2, batch, c.heads, context_len, d, **kw), persistent=False)
+        self.register_buffer("ctx_mask", torch.zeros(batch, 1, 1, context_len, **kw), persistent=False)  # additive
+        self.register_buffer("null_outs", torch.zeros(c.depth, 1, 1, c.dim, **kw), persistent=False)
+        self.register_buffer("positions", torch.arange(c.seq_len, device=p.device), persistent=False)
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=p.device), persistent=False)
+        self.linears = []  # per layer: name -> callable (rows, t, D_in) -> (rows, t, D_out)
+        for layer in model.layers:
+            every = {"q": layer.self_attn.q, "kv": layer.self_attn.kv, "out": layer.self_attn.out,
+                     "fc1": layer.mlp.fc1, "fc2": layer.mlp.fc2}
+            cross = {"cq": layer.cross_attn.q, "cout": layer.cross_attn.out}  # the conditional rows only
+            self.linears.append({**{k: self._linear(m, self.rows, packed) for k, m in every.items()},
+                                 **{k: self._linear(m, batch, packed) for k, m in cross.items()}})
+        self.head_linear = self._linear(model.head, self.rows, packed)
+        self.compiled = None  # set by `decoder_for`: the compiled `forward`
+        self.compile_s: float | None = None  # seconds the first compiled steps took (compilation)
+
+    @staticmethod
+    def _linear(m: nn.Linear, rows: int, packed: bool):
+        return PackedLinear(m, rows) if packed else m
+
+    def start(self, context: torch.Tensor, context_mask: torch.Tensor, model: Generator) -> None:
+        """A new batch of prompts: context (B, L', dim) with L' <= context_len, mask (B, L') bool."""
+        b, n = context.shape[:2]
+        if b != self.batch or n > self.ctx_kv.shape[-2]:
+            raise ValueError(f"a context of {b} rows x {n} tokens for a decoder of {self.batch} rows x "
+                             f"{self.ctx_kv.shape[-2]} tokens")
+        for k, v in self.cache:
+            k.zero_()
+            v.zero_()
+        self.ctx_kv.zero_()
+        for i, (k, v) in enumerate(context_kv(model, context)):
+            self.ctx_kv[i, 0, :, :, :n].copy_(k)
+            self.ctx_kv[i, 1, :, :, :n].copy_(v)
+        # Additive mask, once per call rather than a bool one converted inside SDPA at every layer and step;
+        # text positions past L' (padding up to context_len) are masked too.
+        self.ctx_mask.fill_(torch.finfo(self.ctx_mask.dtype).min)
+        self.ctx_mask[:, 0, 0, :n].masked_fill_(context_mask.bool(), 0.0)
+        if self.guided:
+            self.null_outs.copy_(torch.stack([o.reshape(1, 1, -1) for o in null_cross_outputs(model)]))
+
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """token (rows, 1) long, the inputs at position `pos` (BOS first) -> fp32 logits (rows, K)."""
+        self.pos.fill_(pos)  # one tensor for every step: the compiled graph reads `pos` from it
+        if self.compiled is not None:
+            if self.pos.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            return self.compiled(token, self.pos)
+        return self(token, self.pos, length=None if self.static else pos + 1)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """token (rows, 1), pos (1,) long -> logits (rows, K). length: attend over the first `length`
+        cached positions (eager); None: over all T, those after `pos` masked (static shapes)."""
+        x = self.token_emb(token) + self.row_emb(self.row_of[pos]) + self.col_emb(self.col_of[pos])  # (R, 1, D)
+        self_mask = None if length is not None else (self.positions <= pos)[None]  # (1, T) bool
+        b = self.batch
+        for i, layer in enumerate(self.layers):
+            lin, (k_cache, v_cache) = self.linears[i], self.cache[i]  # (R, H, T, d)
+            h = layer.norm1(x)
+            kv = lin["kv"](h).view(self.rows, 2, self.heads, -1)  # (R, 2, H, d)
+            k_cache[:, :, pos] = kv[:, 0, :, None]  # an in-place write at `pos`, also when compiled
+            v_cache[:, :, pos] = kv[:, 1, :, None]
+            if length is not None:
+                k_cache, v_cache = k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length)
+            q = _split_heads(lin["q"](h), self.heads)
+            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=self_mask)
+            x = x + lin["out"](o.transpose(1, 2).reshape(self.rows, 1, -1))
+            # Cross-attention of the conditional rows; null rows (guided) add their constant output.
+            x_c = x[:b]
+            q = _split_heads(lin["cq"](layer.norm2(x_c)), self.heads)
+            o = F.scaled_dot_product_attention(q, self.ctx_kv[i, 0], self.ctx_kv[i, 1], attn_mask=self.ctx_mask)
+            x_c = x_c + lin["cout"](o.transpose(1, 2).reshape(b, 1, -1))
+            x = torch.cat([x_c, x[b:] + self.null_outs[i]]) if self.guided else x_c
+            x = x + lin["fc2"](F.gelu(lin["fc1"](layer.norm3(x)), approximate="tanh"))
+        x = self.norm(x)[:, -1].float()  # (R, D)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 logits, as in training
+            if self.head.weight.dtype == torch.float32:
+                return self.head_linear(x)
+            return F.linear(x, self.head.weight.float())
+
+
+# ---- the compiled step -----------------------------------------------------------------------------
+
+# Compiled decoders by id(generator), then by shape; an entry goes when its generator is collected.
+_DECODERS: dict[int, dict[tuple, Decoder]] = {}
+_compile_failure: str | None = None  # set by the first failure: later requests run eager without retrying
+_warned: set[str] = set()
+# Whether compile="auto" compiles on CPU (CUDA: always). Decided by benchmarks/bench_generator.py
+# --compile on the `bench` preset (docs/benchmarks.md).
+CPU_AUTO_COMPILE = False
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot build a decoding step for `device` here (None: it can)."""
+    try:
+        import torch._inductor  # noqa: F401
+    except ImportError as e:
+        return f"torch without inductor ({e})"
+    if device.type == "cpu":
+        if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+            return "no C++ compiler on PATH (inductor compiles C++ for CPU)"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton is not installed (inductor needs it for CUDA)"
+    else:
+        return f"compiled decoding supports CPU and CUDA, not {device.type}"
+    return None
+
+
+def use_compile(compile: bool | str, device: torch.device) -> bool:
+    """Resolve a `compile` option (True, False or "auto") for `device`. True where compilation is not
+    available logs one warning and gives False (eager); "auto" compiles on CUDA, and on CPU where
+    CPU_AUTO_COMPILE says it measured faster."""
+    if not (compile is True or compile is False or compile == "auto"):
+        raise PartiError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile is False:
+        return False
+    if _compile_failure is not None:  # warned when it failed
+        return False
+    reason = compile_unavailable(device)
+    if reason is not None:
+        if compile is True:
+            _warn_once(f"compiled decoding unavailable, decoding eager: {reason}")
+        return False
+    return compile is True or device.type == "cuda" or CPU_AUTO_COMPILE
+
+
+def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
+                compile: bool | str = False) -> Decoder:
+    """A Decoder for `batch` prompts of up to `context_len` text tokens: a fresh eager one (packed CPU
+    weights), or the process's compiled one for this generator and shape (compiled on first use;
+    `decoder.compile_s` holds the seconds that took)."""
+    p = next(model.layers.parameters())
+    if not use_compile(compile, p.device):
+        return Decoder(model, batch=batch, guided=guided, context_len=context_len)
+    length = -(-context_len // 8) * 8  # text lengths in steps of 8: fewer shapes, fewer compilations
+    key = (batch, guided, length, p.dtype, p.device, model.head.weight.dtype)
+    cached = _DECODERS.get(id(model), {})
+    if key in cached:
+        return cached[key]
+    decoder = Decoder(model, batch=batch, guided=guided, context_len=length, static=True, packed=False)
+    try:
+        decoder.compile_s = _compile(decoder, model.bos)
+    except Exception as e:  # noqa: BLE001 - any compiler error: decode eager, as without a compiler
+        global _compile_failure
+        _compile_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        _warn_once(f"compiling the decoding step failed, decoding eager from now on: {_compile_failure}")
+        return Decoder(model, batch=batch, guided=guided, context_len=context_len)
+    if id(model) not in _DECODERS:
+        weakref.finalize(model, _DECODERS.pop, id(model), None)
+    _DECODERS.setdefault(id(model), {})[key] = decoder
+    log.info("compiled the decoding step for %d rows x %d text tokens (%s, %s) in %.1f s", decoder.rows, length,
+             p.device.type, str(p.dtype).removeprefix("torch."), decoder.compile_s)
+    return decoder
+
+
+def _compile(decoder: Decoder, bos: int) -> float:
+    """Compile `decoder.forward` and run it until compiled (CUDA graphs record on the second or third
+    call); -> seconds taken. The warm-up steps leave the cache dirty: `start` clears it."""
+    cuda = decoder.pos.device.type == "cuda"
+    decoder.compiled = torch.compile(decoder.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                                     dynamic=False)
+    device = decoder.pos.device
+    if cuda:  # CUDA graphs read and write these in place: their addresses must not change between replays
+        for t in (*decoder.buffers(), *(t for kv in decoder.cache for t in kv)):
+            torch._dynamo.mark_static_address(t)
+    token = torch.full((decoder.rows, 1), bos, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    for _ in range(3 if cuda else 1):
+        decoder.step(token, 0)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
