@@ -10,7 +10,7 @@ Sampling: the `bench` generator (the CPU benchmarks' reference) with weights in 
 `generate(..., compile=...)`: eager, then compiled (`parti.decoding`: static shapes, CUDA graphs via
 mode="reduce-overhead"), alternated per round; the compilation time of each shape is reported.
 Training: bf16 autocast (fp32 master weights, fp32 logits, fused AdamW), SDPA restricted to fused kernels
-(FlashAttention, memory-efficient, cuDNN; no math fallback on CUDA). MFU = model FLOPs (analytic,
+(FlashAttention, memory-efficient, cuDNN; no math fallback on CUDA); sampling lets SDPA choose. MFU = model FLOPs (analytic,
 benchmarks/common.py) / time / the card's dense bf16 peak where the card is known; the share of the bf16
 matmul peak measured in the same run is reported beside it. Prints a table, then one JSON line.
 """
@@ -127,9 +127,8 @@ def bench_sample(args, device, batch: int, sampler) -> dict:
                                        compile=args.sample_compile)
     fns = {}
     for name, compiled in (("eager", False), ("compiled", args.sample_compile)):
-        def run(compiled=compiled):
-            with sdpa_context(device):
-                return generate(sampler, ctx, ctx_mask, params=params, compile=compiled)
+        def run(compiled=compiled):  # SDPA picks its kernels as it does for users
+            return generate(sampler, ctx, ctx_mask, params=params, compile=compiled)
         fns[name] = run
     out = {name: [] for name in fns}
     for name in fns:

@@ -224,8 +224,11 @@ class Decoder(nn.Module):
 _DECODERS: dict[int, dict[tuple, Decoder]] = {}
 _compile_failure: str | None = None  # set by the first failure: later requests run eager without retrying
 _warned: set[str] = set()
-# Whether compile="auto" compiles on CPU (CUDA: always). Decided by benchmarks/bench_generator.py
-# --compile on the `bench` preset (docs/benchmarks.md).
+# Whether compile="auto" compiles on CPU (CUDA: always, where launch overhead bounds a step). Off: on the
+# `bench` preset (`benchmarks/bench_generator.py --compile`) the compiled step lost to eager from batch 4
+# (eager multiplies packed weights, the compiled step plain ones over the whole masked cache) and gained
+# less at batch 1 than its compilation costs per shape unless a process samples that shape many times;
+# with AVX2 only it did not gain at all. Figures in docs/benchmarks.md.
 CPU_AUTO_COMPILE = False
 
 
