@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parti.checkpoint import check_folder, config_from_dict, load_state, save_model
+from parti.checkpoint import check_folder, config_from_dict, load_model_weights, save_model
 from parti.errors import PartiError
 from parti.layers import MLP, Attention, Block, init_weights
 
@@ -168,8 +168,10 @@ def save_generator(model: Generator, folder: str | Path, *, extra: dict[str, Any
 
 
 def load_generator(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
-    """Rebuild a generator from its folder strictly; returns (model in eval mode, its config.json)."""
+    """Rebuild a generator from its folder strictly; returns (model in eval mode, its config.json). The config
+    is bounded and the weights' header checked against it before anything is allocated; the recorded
+    fingerprint is checked against the weights."""
     data = check_folder(folder, "generator")
-    model = Generator(config_from_dict(GeneratorConfig, data.get("config", {}), what=f"{folder}/config.json"))
-    load_state(folder, model)
+    config = config_from_dict(GeneratorConfig, data.get("config", {}), what=f"{folder}/config.json")
+    model = load_model_weights(folder, lambda: Generator(config), fingerprint=data.get("fingerprint"))
     return model.to(device).eval(), data

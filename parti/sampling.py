@@ -16,6 +16,7 @@ import torch
 
 from parti.decoding import decoder_for
 from parti.errors import PartiError
+from parti.settings import setting
 from parti.generator import Generator
 
 
@@ -28,10 +29,12 @@ def _number(name: str, value, rule: str) -> float:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    guidance_scale: float = 3.0  # 1 = no guidance (conditional rows only)
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int | None = None
-    top_p: float | None = None
+    """How codes are drawn; the distribution only (seed, batch and compilation are the caller's)."""
+
+    guidance_scale: float = setting(3.0, "classifier-free guidance: uncond + scale * (cond - uncond); 1: none")
+    temperature: float = setting(1.0, "softmax temperature; 0 is greedy")
+    top_k: int | None = setting(None, "keep the k most likely codes (default: all)")
+    top_p: float | None = setting(None, "keep the smallest set of codes whose mass reaches p (default: all)")
 
     def __post_init__(self):
         if _number("temperature", self.temperature, ">= 0 (0 is greedy)") < 0:
@@ -40,9 +43,9 @@ class SamplingParams:
             raise PartiError(f"guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)
                                        or self.top_k < 1):
-            raise PartiError(f"top_k must be an int >= 1 (or None), got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < _number("top_p", self.top_p, "in (0, 1] (or None)") <= 1.0:
-            raise PartiError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
+            raise PartiError(f"top_k must be an int >= 1 (or unset), got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < _number("top_p", self.top_p, "in (0, 1] (or unset)") <= 1.0:
+            raise PartiError(f"top_p must be in (0, 1] (or unset), got {self.top_p}")
 
 
 def select_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
