@@ -116,13 +116,18 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
 
     kind = choose_dataset(dataset)
     chosen = DATASETS[kind]
-    tok = {**chosen["tokenizer"], **(tokenizer or {})}
-    gen = {**chosen["generator"], **{k: v for k, v in (generator or {}).items() if v != "auto"}}
+    given = {"data": common.pop("data")} if "data" in common else {}  # data named for both stages wins
+    tok = {**chosen["tokenizer"], **given, **(tokenizer or {})}
+    gen = {**chosen["generator"], **given, **{k: v for k, v in (generator or {}).items() if v != "auto"}}
     ev = dict(evaluation or {})
     if chosen["thumbnails"]:
         tok.setdefault("data", str(Path(data_dir) / "ffhq128"))
     small, drive = small_mode(), None
     if small:  # small mode's sizes win over every other, shared or per stage
+        if kind != "ffhq" or dataset != "ffhq":  # nothing downloaded unless FFHQ was asked for by name
+            kind = "synthetic"
+            tok.update(DATASETS["synthetic"]["tokenizer"])
+            gen.update(DATASETS["synthetic"]["generator"])
         common.update(SMALL["common"])
         tok.update(SMALL["common"], **SMALL["tokenizer"])
         gen.update(SMALL["common"], **SMALL["generator"])

@@ -41,9 +41,10 @@ class SamplingParams:
             raise PartiError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if _number("guidance_scale", self.guidance_scale, ">= 0 (1 = no guidance)") < 0:
             raise PartiError(f"guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)
-                                       or self.top_k < 1):
-            raise PartiError(f"top_k must be an int >= 1 (or unset), got {self.top_k!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)):
+            raise PartiError(f"top_k must be a whole number >= 1 (or unset), got {self.top_k!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise PartiError(f"top_k must be >= 1 (or unset), got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < _number("top_p", self.top_p, "in (0, 1] (or unset)") <= 1.0:
             raise PartiError(f"top_p must be in (0, 1] (or unset), got {self.top_p}")
 

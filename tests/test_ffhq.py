@@ -172,11 +172,11 @@ def test_auto_picks_ffhq_only_on_a_gpu_with_the_hub_reachable(monkeypatch):
     monkeypatch.delenv(notebook.SMALL_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    run = notebook.configure()
+    run = notebook.configure(mixed_precision="no")  # "auto" would ask the (mocked) GPU
     assert run.dataset == "ffhq" and run.generator.text_encoder == "t5-large"  # was: synthetic + trainable
     assert run.generator.data == f"hf:{CAPTIONED}" and run.tokenizer.data.endswith("ffhq128")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert notebook.configure().dataset == "synthetic"
+    assert notebook.configure(mixed_precision="no").dataset == "synthetic"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert notebook.configure().dataset == "synthetic"
