@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from parti import data as data_mod
 from parti.checkpoint import _atomic_write, _fsync_dir, read_json, write_json
+from parti.device import default_device
 from parti.errors import PartiError
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
@@ -113,7 +114,7 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
     """
     _check_encode_args(batch_size=batch_size, shard_size=shard_size, max_items=max_items, num_workers=num_workers,
                        splits=tuple(splits))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     tok: VQTokenizer = load_tokenizer(tokenizer, device=device)
     if tok.config.codebook_size > 65536:
         raise PartiError("codebooks above 65536 codes do not fit the uint16 cache")

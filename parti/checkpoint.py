@@ -464,3 +464,39 @@ def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+# ---- third-party weights (VGG16, FID Inception): one reader, one downloader ----------------------------------
+
+def read_weights_file(path: Path, *, flag: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or from a third-party pickle (.pth/.pt/.bin) read with
+    weights_only=True, so no code runs; every failure is one line naming `flag`, the option that gives a file."""
+    if not path.is_file():
+        raise PartiError(f"weights file {path} not found; give an existing file with {flag} PATH")
+    if path.suffix == ".safetensors":
+        return read_tensors(path)  # a corrupt or truncated file is a one-line error
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise PartiError(f"{path}: unknown weights format; give a .safetensors or .pth file with {flag} PATH")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors have many types; all mean "not a plain state dict"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PartiError(f"could not read {path} as a weights-only state dict ({first[:160]}); give a state dict "
+                         f"or a .safetensors file with {flag} PATH") from None
+    if not isinstance(state, dict):
+        raise PartiError(f"{path} holds a {type(state).__name__}, not a state dict; give one with {flag} PATH")
+    return state
+
+
+def download_weights(url: str, *, what: str, flag: str) -> dict[str, torch.Tensor]:
+    """A published weights file, fetched once through torch.hub into a temporary folder (the caller keeps a
+    safetensors copy), its sha256 prefix checked, read weights-only; a failure is one line saying what to do."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return torch.hub.load_state_dict_from_url(url, model_dir=tmp, map_location="cpu", progress=True,
+                                                      check_hash=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - URLError, HTTPError, hash mismatch, disk full: "could not get it"
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise PartiError(f"could not download the {what} weights ({reason}); offline, pass the file "
+                             f"{url.rsplit('/', 1)[-1]} with {flag} PATH") from None
+

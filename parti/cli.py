@@ -41,7 +41,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)".strip())
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        shown = "" if info.get("required") else f" (default: {default})"
+        shown = "" if info.get("required") or (default is None and "default" in text) else f" (default: {default})"
         parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float) else str, default=default, choices=info.get("choices"),
                             required=bool(info.get("required")), help=f"{text}{shown}")
 

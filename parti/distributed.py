@@ -84,12 +84,13 @@ def total_over_ranks(acc, value: float) -> float:
 def global_codebook_stats(acc, codes: torch.Tensor, size: int) -> dict[str, float]:
     """Share of the codebook used and perplexity of the global batch (code counts summed over ranks;
     averaging per-rank usage would understate it)."""
+    from parti.tokenizer import code_usage
+
     counts = torch.bincount(codes.flatten(), minlength=size).float()
     if acc.num_processes > 1:
         counts = acc.reduce(counts, reduction="sum")
-    p = counts / counts.sum()
-    return {"usage": float((counts > 0).float().mean()),
-            "perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))}
+    usage, perplexity = code_usage(counts)
+    return {"usage": float(usage), "perplexity": float(perplexity)}
 
 
 def average_gradients(acc, module: torch.nn.Module) -> None:

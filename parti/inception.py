@@ -14,15 +14,13 @@ Nothing is downloaded at import or in a constructor.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parti.checkpoint import parti_home, read_tensors, write_tensors
+from parti.checkpoint import download_weights, parti_home, read_weights_file, write_tensors
 from parti.errors import PartiError
 
 FID_WEIGHTS_URL = (
@@ -284,28 +282,9 @@ def _load_state(model: InceptionFeatures, state: dict[str, Tensor], *, source: s
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise PartiError(f"FID Inception weights not found at {path}; pass an existing file with --inception PATH")
-    if path.suffix == ".safetensors":
-        return read_tensors(path)  # a corrupt or truncated file is a one-line error, a pickle is refused unread
-    if path.suffix in (".pth", ".pt"):
-        # Third-party pickle: weights_only=True refuses anything but tensors and plain containers.
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain weights file"
-            raise PartiError(f"could not read {path} as a weights-only state dict ({err}); "
-                             f"pass the pytorch-fid .pth or a .safetensors file with --inception PATH") from err
-    raise PartiError(f"FID Inception weights must be .safetensors or .pth, got {path}; pass one with --inception PATH")
-
-
-
-
-def _download_state() -> dict[str, Tensor]:
-    with tempfile.TemporaryDirectory() as tmp:
-        # check_hash: the file name carries a sha256 prefix (6726825d); a corrupt download fails here.
-        return torch.hub.load_state_dict_from_url(
-            FID_WEIGHTS_URL, model_dir=tmp, map_location="cpu", progress=True, check_hash=True, weights_only=True
-        )
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise PartiError(f"FID Inception weights must be .safetensors or .pth, got {path}; pass one with --inception PATH")
+    return read_weights_file(path, flag="--inception")
 
 
 def load_fid_inception(*, path: str | Path | None = None, allow_download: bool = True) -> InceptionFeatures:
@@ -321,13 +300,7 @@ def load_fid_inception(*, path: str | Path | None = None, allow_download: bool =
     elif cache.is_file():
         _load_state(model, _read_weights(cache), source=str(cache))
     elif allow_download:
-        try:
-            state = _download_state()
-        except Exception as err:  # noqa: BLE001 - network, hash and unpickling errors all mean the same to the user
-            raise PartiError(
-                f"could not download the FID Inception weights ({type(err).__name__}: {err}); offline, pass "
-                f"pt_inception-2015-12-05-6726825d.pth with --inception PATH or put its safetensors copy at {cache}"
-            ) from err
+        state = download_weights(FID_WEIGHTS_URL, what="FID Inception", flag="--inception")
         _load_state(model, state, source=FID_WEIGHTS_URL)
         write_tensors(cache, model.state_dict())
     else:

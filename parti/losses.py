@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parti.checkpoint import parti_home, read_tensors, write_tensors
+from parti.checkpoint import download_weights, parti_home, read_tensors, read_weights_file, write_tensors
 from parti.errors import PartiError
 from parti.settings import check_settings, setting
 
@@ -93,24 +93,6 @@ def _vgg_weights_help(cache: Path) -> str:
             f"(vgg16-397923af.pth or .safetensors); perceptual_weight=0 disables the perceptual loss")
 
 
-def _read_any(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, or a third-party pickle with weights_only=True (no code runs)."""
-    if not path.is_file():
-        raise PartiError(f"weights file {path} not found; check the path")
-    if path.suffix == ".safetensors":
-        return read_tensors(path)
-    if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors have many types; all mean "not a plain state dict"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PartiError(f"{path} is not a plain weights file ({first}); give a state dict or a safetensors") from None
-        if not isinstance(state, dict):
-            raise PartiError(f"{path} holds a {type(state).__name__}, not a state dict; give a state dict file")
-        return state
-    raise PartiError(f"{path}: unknown weights format; give a .safetensors or .pth file")
-
-
 def _features_only(state: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
     """Keep `features.*` (a full torchvision vgg16 also has classifier.*); accept bare `N.weight` keys."""
     if not any(k.startswith("features.") for k in state):
@@ -137,7 +119,7 @@ def load_vgg16_weights(model: VGG16Features, *, path: str | None = None, allow_d
     cache = parti_home() / VGG16_CACHE_NAME
     if path is not None:
         source = Path(path).expanduser()
-        state = _features_only(_read_any(source), source=source)
+        state = _features_only(read_weights_file(source, flag="--vgg-weights"), source=source)
         if source.suffix != ".safetensors" and not cache.exists():
             _try_cache(cache, state, source=source.name)  # next run needs no pickle reading
     elif cache.exists():
@@ -146,12 +128,7 @@ def load_vgg16_weights(model: VGG16Features, *, path: str | None = None, allow_d
         raise PartiError(f"VGG16 weights not found and downloads are off; {_vgg_weights_help(cache)}")
     else:
         logger.info("downloading VGG16 weights for the perceptual loss (once; cached at %s)", cache)
-        try:
-            full = torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=True,
-                                                      check_hash=True, weights_only=True)
-        except Exception as e:  # URLError, HTTPError, hash mismatch, disk full: all "could not get the file"
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
-            raise PartiError(f"could not download VGG16 weights ({reason}); {_vgg_weights_help(cache)}") from None
+        full = download_weights(VGG16_URL, what="VGG16", flag="--vgg-weights")
         state = _features_only(full, source=Path(VGG16_URL.rsplit("/", 1)[-1]))
         _try_cache(cache, state, source=VGG16_URL.rsplit("/", 1)[-1])
     model.load_state_dict(state, strict=True)

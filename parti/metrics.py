@@ -253,11 +253,11 @@ def codebook_stats(codes: Tensor, num_codes: int) -> dict[str, Any]:
     if flat.min() < 0 or flat.max() >= num_codes:
         raise PartiError(f"codes must lie in [0, {num_codes}), got range [{int(flat.min())}, {int(flat.max())}]; "
                          f"check num_codes matches the tokenizer's codebook size")
+    from parti.tokenizer import code_usage
+
     counts = torch.bincount(flat, minlength=num_codes)
-    p = counts.double() / flat.numel()
-    nonzero = p[p > 0]  # 0 log 0 = 0
-    entropy = float(-(nonzero * nonzero.log()).sum())
-    return {"usage": float((counts > 0).sum()) / num_codes, "perplexity": math.exp(entropy), "counts": counts}
+    usage, perplexity = code_usage(counts)
+    return {"usage": float(usage), "perplexity": float(perplexity), "counts": counts}
 
 
 def perplexity_from_loss(mean_nll: float | Tensor) -> float:

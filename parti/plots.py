@@ -309,15 +309,16 @@ def loss_curves(metrics_path_or_records: str | Path | Iterable[dict[str, Any]], 
 
 def codebook_stats(counts: torch.Tensor | np.ndarray) -> dict[str, float]:
     """{"used": codes with count > 0, "size": K, "share": used/K, "perplexity": exp(entropy of usage)}."""
+    from parti.tokenizer import code_usage
+
     c = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
     if c.ndim != 1 or c.size == 0:
         raise PartiError(f"codebook counts must be a non-empty (K,) vector, got shape {c.shape}")
     if (c < 0).any() or not np.isfinite(c).all():
         raise PartiError("codebook counts must be finite and non-negative")
-    total = c.sum()
-    p = c[c > 0] / total if total > 0 else np.zeros(0)
-    return {"used": int((c > 0).sum()), "size": int(c.size), "share": float((c > 0).mean()),
-            "perplexity": float(np.exp(-(p * np.log(p)).sum())) if total > 0 else 0.0}
+    share, perplexity = code_usage(torch.from_numpy(c))
+    return {"used": int((c > 0).sum()), "size": int(c.size), "share": float(share),
+            "perplexity": float(perplexity) if c.sum() > 0 else 0.0}
 
 
 def codebook_usage_histogram(counts: torch.Tensor | np.ndarray, *, path: str | Path | None = None) -> Any:

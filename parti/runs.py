@@ -21,11 +21,9 @@ import json
 import logging
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -532,13 +530,7 @@ class MetricsLogger:
         self._file.close()
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.copymode(self.path, tmp)  # mkstemp makes 0600 files; keep the log's own permissions
-        os.replace(tmp, self.path)
+        _atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")
         return len(lines) - len(kept)
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, load_model_weights, save_model
+from parti.checkpoint import (_atomic_write, check_folder, config_from_dict, fingerprint_state, load_model_weights,
+                              save_model)
 from parti.errors import PartiError
 
 T5_ALIASES = {f"t5-{s}": f"google-t5/t5-{s}" for s in ("small", "base", "large", "3b", "11b")}
@@ -315,17 +314,7 @@ def train_sentencepiece(captions: Iterable[str], out_dir: str | Path, *, vocab_s
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Atomic write: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise PartiError(f"could not write {path}: {e.strerror or e}; free disk space or choose another folder") from e
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ----------------------------------------------------------------------------------------------------

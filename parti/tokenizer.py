@@ -183,12 +183,10 @@ class VQTokenizer(nn.Module):
         z = self._latents(images)
         b, t, d = z.shape
         zq, idx, loss = self.quantizer(z.reshape(b * t, d))
-        counts = torch.bincount(idx, minlength=self.config.codebook_size).float()
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+        usage, perplexity = code_usage(torch.bincount(idx, minlength=self.config.codebook_size))
         g = self.config.grid_size
         return TokenizerOutput(reconstruction=self._pixels(zq.reshape(b, t, d)), codes=idx.reshape(b, g, g),
-                               commit_loss=loss, usage=(counts > 0).float().mean(), perplexity=perplexity)
+                               commit_loss=loss, usage=usage, perplexity=perplexity)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,6 +216,14 @@ class VQTokenizer(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {"trainable": trainable, "frozen": frozen}
+
+
+def code_usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A code histogram (K,) -> (share of the K codes used, perplexity: exp of the histogram's entropy in nats,
+    K when uniform, 1 when collapsed), as 0-d float tensors on the histogram's device (no host read)."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp_min(1)
+    return (counts > 0).double().mean().float(), torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).float()
 
 
 def build_tokenizer(preset: str | TokenizerConfig = "ffhq128", **overrides) -> VQTokenizer:
