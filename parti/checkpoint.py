@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -481,8 +482,9 @@ def read_weights_file(path: Path, *, flag: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors have many types; all mean "not a plain state dict"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PartiError(f"could not read {path} as a weights-only state dict ({first[:160]}); give a state dict "
-                         f"or a .safetensors file with {flag} PATH") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", first)  # torch colours its message for terminals
+        raise PartiError(f"{path} is not a plain weights file ({first[:120]}): it was read weights-only, so no code "
+                         f"ran; give a state dict or a .safetensors file with {flag} PATH") from None
     if not isinstance(state, dict):
         raise PartiError(f"{path} holds a {type(state).__name__}, not a state dict; give one with {flag} PATH")
     return state
