@@ -272,7 +272,7 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
 
         local = Path(spec[3:]).expanduser()  # hf:FOLDER reads a local copy in the hub layout
         folder = local if local.is_dir() else dataset_snapshot(spec[3:])
-        tables = _load_tables("parquet", spec, data_dir=str(folder))
+        tables = _load_tables("parquet", spec, data_files=_parquet_splits(folder, spec))
         return _open_table(tables, spec, image_column, caption_column, common, roots=(folder, *_hub_roots()))
     path = Path(spec).expanduser()
     if not path.exists():
@@ -287,7 +287,10 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
         if not (metadata or parquets):
             return _open_folder(images, texts, spec, common)
         # imagefolder: captions and other columns come from the metadata file; else parquet shards
-        tables = _load_tables("imagefolder" if metadata else "parquet", spec, data_dir=str(path))
+        if metadata:
+            tables = _load_tables("imagefolder", spec, data_dir=str(path))
+        else:
+            tables = _load_tables("parquet", spec, data_files=_parquet_splits(path, spec))
     root = path if path.is_dir() else path.parent
     return _open_table(tables, spec, image_column, caption_column, common, roots=(root,))
 
@@ -300,7 +303,22 @@ def _hub_roots() -> tuple[Path, ...]:
     return (Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE))
 
 
-def _load_tables(path: str, spec: str, *, data_files: str | None = None, data_dir: str | None = None) -> Any:
+def _parquet_splits(folder: Path, spec: str) -> dict[str, list[str]]:
+    """A folder's parquet shards by split, named as the Hub names them (`data/train-00000-of-00032-<hash>.parquet`,
+    or a split's folder): listed here, symlinks included (the Hub cache's snapshots are links to blobs, which
+    older `datasets` versions do not follow when they scan a folder). Shards named for no split are train."""
+    splits: dict[str, list[str]] = {}
+    for shard in sorted(folder.rglob("*.parquet")):
+        rel = shard.relative_to(folder).as_posix().lower()
+        name = next((s for s in ("train", *VAL_SPLIT_NAMES) if rel.split("/")[-1].startswith(s + "-")
+                     or f"/{s}/" in f"/{rel}"), "train")
+        splits.setdefault(name, []).append(str(shard))
+    if not splits:
+        raise PartiError(f"{spec!r} holds no parquet shards; give a folder of images, parquet files, or hf:NAME")
+    return splits
+
+
+def _load_tables(path: str, spec: str, *, data_files: str | dict | None = None, data_dir: str | None = None) -> Any:
     """datasets.load_dataset -> a DatasetDict; its failures become one line."""
     import datasets  # heavy; imported only when a table is opened
 

@@ -175,6 +175,9 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, 
     name = str(path) if is_local else T5_ALIASES.get(name_or_path, name_or_path)
     # identity() records the folder's name only: machine paths stay out of caches and checkpoints.
     label = path.resolve().name if is_local else name
+    if is_local and not (path / "config.json").is_file():
+        raise PartiError(f"could not load T5 from folder {path}: it holds no config.json; pass a folder holding "
+                         f"config.json, model.safetensors and the tokenizer files")
     local_only = is_local if local_files_only is None else local_files_only
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_only)
