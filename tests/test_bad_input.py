@@ -896,6 +896,26 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in load_tokenizer(run).state_dict().values())  # nothing poisoned
 
 
+def test_weights_that_overflow_stop_the_run_before_any_save(tmp_path, monkeypatch, capsys):
+    """A step whose loss is finite can still leave inf weights (a huge learning rate): the loop checks the
+    weights before every save, so no checkpoint or export of a broken model is written."""
+    import torch.optim
+
+    real_step = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    code = main(["train-tokenizer", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--synthetic-length", "8",
+                 "--val-images", "2", "--cpu", "--no-progress", "--save-every", "1", "--out", str(tmp_path / "t")])
+    one_line_error(capsys, code, "weights became NaN/inf by step 1", "nothing was saved", "--lr")
+    assert not list((tmp_path / "t" / "checkpoints").glob("step_*")) and not (tmp_path / "t" / "config.json").exists()
+
+
 def test_a_run_of_nonfinite_losses_stops_with_a_clear_message(models, tmp_path, monkeypatch, capsys):
     from parti.cache import encode_dataset
     from parti.train_generator import Objective
