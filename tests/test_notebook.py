@@ -196,3 +196,10 @@ def test_evaluation_cell(executed):
     cell = tagged(nb, "evaluation")
     assert not [o for o in cell.outputs if o.output_type == "error"]
     assert "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream").strip()
+
+
+def test_share_cells_push_and_serve_through_the_package():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    push, demo = tagged(nb, "push").source, tagged(nb, "web-demo").source
+    assert "push_to_hub(run.generator_dir" in push and "if HUB_REPO:" in push  # skipped unless a repo is named
+    assert "build_app(pipe)" in demo and "not notebook.small_mode()" in demo  # never launched by the tests' run
