@@ -203,3 +203,30 @@ def test_share_cells_push_and_serve_through_the_package():
     push, demo = tagged(nb, "push").source, tagged(nb, "web-demo").source
     assert "push_to_hub(run.generator_dir" in push and "if HUB_REPO:" in push  # skipped unless a repo is named
     assert "build_app(pipe)" in demo and "not notebook.small_mode()" in demo  # never launched by the tests' run
+
+
+@pytest.mark.parametrize("layout", ["cloned-into-cwd", "checkout-is-cwd", "nothing"])
+def test_install_cell_installs_a_checkout_that_is_only_a_namespace(tmp_path, layout):
+    """Trap: with the repository cloned into the working folder, `find_spec` found the clone as a namespace
+    package, the install was skipped and `from parti import notebook` failed. The cell's logic runs here in a
+    Python without site-packages (`-S`: parti not installed), `%pip` recorded instead of run."""
+    import re
+    import subprocess
+    import sys
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    source = tagged(nb, "install").source
+    source = re.sub(r'%pip install -q "(.*)"', r'INSTALLS.append(f"\1")', source)
+    repo = {"cloned-into-cwd": tmp_path / "parti", "checkout-is-cwd": tmp_path, "nothing": None}[layout]
+    if repo is not None:
+        (repo / "parti").mkdir(parents=True)
+        (repo / "parti" / "__init__.py").write_text("")
+        (repo / "pyproject.toml").write_text('[project]\nname = "parti"\n')
+    script = "INSTALLS = []\n" + source + "\nprint(INSTALLS)"
+    # -S -E: no site-packages, no PYTHONPATH: parti is not installed, the working folder is on the path
+    proc = subprocess.run([sys.executable, "-S", "-E", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    if repo is None:
+        assert proc.returncode != 0 and "clone or upload the repository" in proc.stderr  # says what to do
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == repr([str(repo.resolve())])  # the checkout, found by its package folder
