@@ -116,9 +116,16 @@ def generate(driver, *, seed: int, count: int, previous: list[str] | None = None
     driver.find_element("css selector", "#generate").click()
     done = f"{count} images ({len(PROMPTS)} prompts x {count // len(PROMPTS)}), seed {seed},"
 
+    seen: list = []
+
     def ready(d):
+        # The gallery swaps its images one by one: wait until none of the previous grid's is left, and the
+        # same sources show on two polls in a row.
         srcs = gallery_sources(d)
-        return done in status(d) and len(srcs) == count and srcs != previous and srcs
+        fresh = done in status(d) and len(srcs) == count and not set(srcs) & set(previous or [])
+        stable = fresh and seen[-1:] == [srcs]
+        seen.append(srcs)
+        return stable and srcs
 
     srcs = wait(driver, ready)
     from PIL import Image
