@@ -177,7 +177,9 @@ def check_same_inputs(out: Path, cfg: TrainConfig, inputs: tuple[str, ...]) -> N
     if not cfg.resume or not run_json.is_file():
         return
     old = read_json(run_json).get("config", {})
-    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in inputs if k in old and old[k] != getattr(cfg, k)]
+    unset = (None, "")  # runs from before settings had None wrote "" for an unset column
+    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in inputs if k in old and old[k] != getattr(cfg, k)
+               and not (old[k] in unset and getattr(cfg, k) in unset)]
     if changed:
         raise PartiError(f"{out} was trained from other inputs ({'; '.join(changed)}); resume with the same ones, or "
                          f"choose another --out to start afresh")
