@@ -36,7 +36,7 @@ from parti.optim import NonFiniteGuard, lr_at, set_lr
 from parti.checkpoint import finish_export
 from parti.runs import MetricsLogger, RunFolder, RunLock, check_output_not_inside, claim_run_folder
 from parti.settings import check_settings, setting
-from parti.state import (Checkpoints, capture_rng, check_resumable, check_stage, remove_temporaries, restore_rng,
+from parti.state import (Checkpoints, capture_rng, check_continuation, check_resumable, remove_temporaries, restore_rng,
                          rng_untouched, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Stage:
 
     name = ""
     may_skip_batches = False  # whether the data can yield an empty (all unreadable) batch, as None
-    # Settings naming what the run learns from: a resumed run must keep them (`check_same_inputs`). The
+    # Settings naming what the run learns from: a resumed run must keep them (`check_continuation`). The
     # tokenizer and a frozen T5 are compared by fingerprint instead (a folder may move, its weights may not).
     # (The architecture is compared whole, by `check_resumable`.)
     inputs: tuple[str, ...] = ("data", "holdout", "image_column", "caption_column")
@@ -158,8 +158,7 @@ def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     check_output_not_inside(out, *stage_cls.reads(cfg))
     claim_run_folder(out, stage=stage_cls.name)
-    check_stage(out, stage_cls.name, resume=cfg.resume)
-    check_same_inputs(out, cfg, stage_cls.inputs)
+    check_continuation(out, resume=cfg.resume, inputs={k: getattr(cfg, k) for k in stage_cls.inputs})
     lock = RunLock(out) if acc.is_main_process else None
     on_main(acc, lambda: lock.acquire())
     try:
@@ -167,22 +166,6 @@ def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
     finally:
         if lock is not None:
             lock.release()
-
-
-def check_same_inputs(out: Path, cfg: TrainConfig, inputs: tuple[str, ...]) -> None:
-    """A run continued with other inputs would mix two trainings in one model: refused before any work."""
-    from parti.checkpoint import read_json
-
-    run_json = out / "run.json"
-    if not cfg.resume or not run_json.is_file():
-        return
-    old = read_json(run_json).get("config", {})
-    unset = (None, "")  # runs from before settings had None wrote "" for an unset column
-    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in inputs if k in old and old[k] != getattr(cfg, k)
-               and not (old[k] in unset and getattr(cfg, k) in unset)]
-    if changed:
-        raise PartiError(f"{out} was trained from other inputs ({'; '.join(changed)}); resume with the same ones, or "
-                         f"choose another --out to start afresh")
 
 
 def _fit(stage_cls: type[Stage], cfg: TrainConfig, acc, out: Path) -> Path:

@@ -88,21 +88,28 @@ def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefi
                          f"same --preset and model settings, or choose another --out") from None
 
 
-def check_stage(out: str | Path, stage: str, *, resume: bool) -> None:
-    """Refuse, before any work, an --out folder holding a run of the other stage, or one holding progress
-    (metrics or checkpoints) without --resume. RunFolder decides the rest."""
+def check_continuation(out: str | Path, *, resume: bool, inputs: dict[str, Any]) -> None:
+    """Refuse, before any work, an --out folder holding progress (metrics or checkpoints) without --resume,
+    or a resumed run asked to learn from other `inputs` (setting name -> value) than it started with: a model
+    trained from two sources by accident. Whose folder it is, and its stage, is `claim_run_folder`'s check."""
     out = Path(out)
     run_json = out / "run.json"
     if not run_json.is_file():
         return
-    found = read_json(run_json).get("config", {}).get("stage")
-    if found not in (None, stage):
-        raise PartiError(f"{out} holds a {found} run, not a {stage} run; choose another --out")
     metrics = out / "metrics.jsonl"
     progress = (metrics.is_file() and metrics.stat().st_size > 0) or any((out / "checkpoints").glob("step_*"))
     if progress and not resume:
         raise PartiError(f"{out} already holds this run; pass --resume to continue it, or choose another --out "
                          f"to start afresh")
+    if not resume:
+        return
+    old = read_json(run_json).get("config", {})
+    unset = (None, "")  # runs from before settings had None wrote "" for an unset column
+    changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in inputs.items()
+               if k in old and old[k] != v and not (old[k] in unset and v in unset)]
+    if changed:
+        raise PartiError(f"{out} was trained from other inputs ({'; '.join(changed)}); resume with the same ones, or "
+                         f"choose another --out to start afresh")
 
 
 def check_resumable(meta: dict[str, Any], *, stage: str, model: dict[str, Any], where: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from hubcache import add_to_cache
 from parti import notebook, synthetic
 from parti.errors import PartiError
+from t5folder import save_random_t5
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "parti.ipynb"
 CAPTIONED = "cr7Por/ffhq_controlnet_5_2_23"
@@ -68,25 +69,10 @@ def captioned_shards(rows: int = 40, shards: int = 2) -> dict[str, bytes]:
 
 def t5_folder(folder: Path) -> Path:
     """A random T5 encoder of t5-large's width (1024), one layer, and a SentencePiece vocabulary of its own."""
-    import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
     words = " ".join(CAPTIONS).split() + ["man", "beard", "person", "face"]
     rng = random.Random(0)
     sentences = [" ".join(rng.choices(words, k=8)) for _ in range(300)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=60,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
-    tokenizer = T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                            extra_ids=0)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=1024, num_layers=1, num_heads=2, d_kv=32, d_ff=64,
-                      dropout_rate=0.0)
-    T5EncoderModel(config).save_pretrained(folder)
-    return folder
+    return save_random_t5(folder, sentences, vocab_size=60, d_model=1024, num_layers=1, d_kv=32)
 
 
 @pytest.fixture(scope="module")

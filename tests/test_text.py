@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import warnings
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from parti.errors import PartiError
+from t5folder import save_random_t5
 from parti.text import (
     TEXT_ENCODER_PRESETS,
     ByteTokenizer,
@@ -51,25 +51,8 @@ def offline_hub(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_t5_dir(tmp_path_factory):
     """A folder that `AutoTokenizer` / `T5EncoderModel.from_pretrained` read like a hub T5 checkpoint."""
-    import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_t5")
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(make_captions()), model_writer=buf, vocab_size=80,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
-    # transformers 5's T5Tokenizer is backed by `tokenizers`; building it from (piece, score) pairs needs no
-    # protobuf (converting an spiece.model file does). save_pretrained writes tokenizer.json.
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, num_layers=2, num_heads=2, d_ff=64, d_kv=16,
-                      dropout_rate=0.0)
-    T5EncoderModel(config).save_pretrained(folder)
-    return folder
+    return save_random_t5(tmp_path_factory.mktemp("tiny_t5"), make_captions(), vocab_size=80, d_model=32,
+                          num_layers=2, d_kv=16)
 
 
 # ---------------------------------------------------------------------------------------------- frozen T5
