@@ -1,12 +1,15 @@
-"""One training step of each demo stage, timed: the tokenizer and the generator (with the trainable text
-encoder) at the presets and batch `parti demo` trains, and a matmul probe that shows which kernels run.
+"""One training step of each CPU demo stage, timed: the tokenizer and the generator (with its trainable
+text encoder and the BPE vocabulary learned from the synthetic captions) at the presets, batches and
+captions `parti demo` trains with, and a matmul probe that shows which kernels run.
 
 Run it twice to compare ISAs on one machine (the limits take effect when the probe's GFLOP/s drop):
 
     python benchmarks/bench_demo_steps.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_demo_steps.py
 
-Options: --tokenizer PRESET --generator PRESET --batch N --dim N (a generator width override). One JSON line last.
+--compile also times each step with its forward and loss under `torch.compile` (the backward through
+AOTAutograd), after the compilation, which it reports. --dim N overrides the generator's width. One JSON
+line last.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
 
 import torch
@@ -36,63 +40,113 @@ def timed(step, n: int = 10, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def main() -> None:
-    from parti.generator import build_generator
+def tokenizer_step_fn(preset: str, batch: int, compiled: bool):
     from parti.losses import LossConfig, TokenizerLoss
     from parti.optim import make_adamw
-    from parti.text import TEXT_ENCODER_PRESETS, ByteTokenizer, TrainableTextEncoder
     from parti.tokenizer import build_tokenizer
-    from parti.train_generator import Objective
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default="demo")
-    parser.add_argument("--generator", default="demo")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    probe = matmul_gflops()
-
-    tok = build_tokenizer(args.tokenizer)
+    tok = build_tokenizer(preset)
     size = tok.config.image_size
     loss_fn = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0), image_size=size)
     opt = make_adamw(tok.parameters(), lr=1e-3, weight_decay=0.0)
-    x = torch.rand(args.batch, 3, size, size) * 2 - 1
+    x = torch.rand(batch, 3, size, size) * 2 - 1
 
-    def tokenizer_step():
-        res = tok(x)
-        loss, _ = loss_fn.generator_loss(x, res.reconstruction, commit_loss=res.commit_loss, step=0,
+    def loss_of(images):
+        res = tok(images)
+        loss, _ = loss_fn.generator_loss(images, res.reconstruction, commit_loss=res.commit_loss, step=0,
                                          last_layer=tok.last_layer)
+        return loss
+
+    forward = torch.compile(loss_of) if compiled else loss_of
+
+    def step():
+        loss = forward(x)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    config = dataclasses.replace(TEXT_ENCODER_PRESETS["tiny"], tokenizer="bytes", vocab_size=ByteTokenizer.vocab_size)
-    encoder = TrainableTextEncoder(config)
-    gen = build_generator(args.generator, num_codes=tok.config.codebook_size, grid_size=tok.config.grid_size,
-                          text_dim=encoder.dim, **({} if args.dim is None else {"dim": args.dim}))
+    return step
+
+
+def generator_step_fn(preset: str, batch: int, vocab_size: int, text_preset: str, dim: int | None,
+                      compiled: bool):
+    from parti.generator import build_generator
+    from parti.optim import make_adamw
+    from parti.synthetic import SyntheticFaces
+    from parti.text import TEXT_ENCODER_PRESETS, build_text_encoder
+    from parti.train_generator import Objective
+
+    torch.manual_seed(0)
+    faces = SyntheticFaces(length=2000, size=32)
+    captions = [faces[i]["caption"] for i in range(len(faces))]
+    config = dataclasses.replace(TEXT_ENCODER_PRESETS[text_preset], tokenizer="sentencepiece", vocab_size=vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder = build_text_encoder("trainable", captions=captions, config=config, out_dir=tmp)
+    gen = build_generator(preset, text_dim=encoder.dim, **({} if dim is None else {"dim": dim}))
     objective = Objective(gen, encoder)
-    opt_g = make_adamw(objective.parameters(), lr=1e-3, weight_decay=0.05)
-    codes = torch.randint(0, tok.config.codebook_size, (args.batch, tok.config.grid_size ** 2))
-    ids, mask = encoder.tokenizer(["a smiling person with long red hair and glasses on a blue background"] * args.batch)
-    drop = torch.zeros(args.batch, dtype=torch.bool)
+    opt = make_adamw(objective.parameters(), lr=1e-3, weight_decay=0.05)
+    codes = torch.randint(0, gen.config.num_codes, (batch, gen.config.seq_len))
+    ids, mask = encoder.tokenizer(captions[:batch])
+    drop = torch.zeros(batch, dtype=torch.bool)
+    forward = torch.compile(objective) if compiled else objective
 
-    def generator_step():
-        loss = objective(codes, ids, mask, drop)
-        opt_g.zero_grad()
+    def step():
+        loss = forward(codes, ids, mask, drop)
+        opt.zero_grad()
         loss.backward()
-        opt_g.step()
+        opt.step()
 
-    t_tok, t_gen = timed(tokenizer_step), timed(generator_step)
     params = sum(p.numel() for p in gen.parameters())
+    return step, params, ids.shape[1]
+
+
+def main() -> None:
+    from parti.demo import DEMO_SIZES
+
+    sizes = DEMO_SIZES["cpu"]
+    tok_size, gen_size = sizes["tokenizer"], sizes["generator"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", default=tok_size["preset"])
+    parser.add_argument("--generator", default=gen_size["preset"])
+    parser.add_argument("--tokenizer-batch", type=int, default=tok_size["batch_size"])
+    parser.add_argument("--generator-batch", type=int, default=gen_size["batch_size"])
+    parser.add_argument("--dim", type=int, default=None, help="a generator width override")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the steps under torch.compile")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    probe = matmul_gflops()
+    from parti.train_generator import GeneratorTrainConfig
+
+    vocab = gen_size.get("vocab_size", GeneratorTrainConfig.vocab_size)
+    result = {"matmul_gflops": round(probe, 1), "tokenizer": args.tokenizer, "generator": args.generator,
+              "tokenizer_batch": args.tokenizer_batch, "generator_batch": args.generator_batch}
     print(f"matmul probe {probe:.0f} GFLOP/s (fp32, 512x512)")
-    print(f"tokenizer {args.tokenizer} step, batch {args.batch}: {t_tok * 1e3:.1f} ms")
-    print(f"generator {args.generator} ({params / 1e6:.2f}M) step, batch {args.batch}: {t_gen * 1e3:.1f} ms")
-    print(json.dumps({"matmul_gflops": round(probe, 1), "tokenizer_step_ms": round(t_tok * 1e3, 1),
-                      "generator_step_ms": round(t_gen * 1e3, 1), "generator_params": params,
-                      "tokenizer": args.tokenizer, "generator": args.generator, "batch": args.batch}))
+    for compiled in (False, True) if args.compile else (False,):
+        tag = "_compiled" if compiled else ""
+        t0 = time.perf_counter()
+        tok_step = tokenizer_step_fn(args.tokenizer, args.tokenizer_batch, compiled)
+        tok_step()  # compiles, when compiled
+        first = time.perf_counter() - t0
+        t_tok = timed(tok_step)
+        t0 = time.perf_counter()
+        gen_step, params, text_len = generator_step_fn(args.generator, args.generator_batch, vocab,
+                                                       gen_size["text_preset"], args.dim, compiled)
+        gen_step()
+        first_g = time.perf_counter() - t0
+        t_gen = timed(gen_step)
+        label = " (compiled)" if compiled else ""
+        print(f"tokenizer {args.tokenizer} step{label}, batch {args.tokenizer_batch}: {t_tok * 1e3:.1f} ms"
+              + (f" (first step with compilation {first:.1f} s)" if compiled else ""))
+        print(f"generator {args.generator} ({params / 1e6:.2f}M, captions of {text_len} tokens) step{label}, "
+              f"batch {args.generator_batch}: {t_gen * 1e3:.1f} ms"
+              + (f" (first step with compilation {first_g:.1f} s)" if compiled else ""))
+        result.update({f"tokenizer_step_ms{tag}": round(t_tok * 1e3, 1), f"generator_step_ms{tag}": round(t_gen * 1e3, 1),
+                       "generator_params": params, "text_tokens": text_len})
+        if compiled:
+            result.update({"tokenizer_compile_s": round(first, 1), "generator_compile_s": round(first_g, 1)})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

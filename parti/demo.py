@@ -3,7 +3,7 @@
 Trains a tokenizer and a generator (with a jointly trained text encoder) on the synthetic captioned
 faces, samples a grid for prompts that name attributes, and measures how often the generated faces
 show the prompted background and hair colour. CPU: small 64 px configuration sized to finish in
-about ten minutes on 2 cores; GPU: a 128 px configuration with larger models and more steps.
+about three minutes on 2 cores; GPU: a 128 px configuration with larger models and more steps.
 Rerunning continues unfinished stages from their last checkpoint.
 """
 
@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 # Each size: overrides of the two training configs (everything else is their defaults). Shared by both stages:
 # the synthetic faces, no perceptual or GAN loss (flat cartoon faces, nothing to download).
 DEMO_SIZES = {
-    # 64 px faces, 8x8 codes from 512, a 4.5M-parameter generator: the CPU demo.
-    "cpu": {"tokenizer": dict(preset="demo", steps=800, batch_size=32, lr=2e-3),
-            "generator": dict(preset="demo", text_preset="tiny", steps=1500, batch_size=32, lr=1e-3),
+    # 64 px faces, 8x8 codes from 512, a 1.2M-parameter generator: the CPU demo, about 3 minutes on 2 cores
+    # (sizes, batches and steps chosen by measurement: docs/benchmarks.md).
+    "cpu": {"tokenizer": dict(preset="demo", steps=1000, batch_size=8, lr=3e-3),
+            "generator": dict(preset="demo", text_preset="tiny", steps=1200, batch_size=16, lr=3e-3),
             "synthetic_length": 10000, "num_workers": 0},
     # One GPU: 128 px, 16x16 codes from 8192, a 34M-parameter generator; loader processes render the faces.
     "gpu": {"tokenizer": dict(preset="base", steps=2000, batch_size=64, lr=1e-3),
@@ -52,8 +53,8 @@ class DemoConfig:
     seed: int = setting(0, "seed of both stages and of sampling", minimum=0)
     holdout: bool = setting(False, "train without the held-out (hair, background) pairs and report their "
                             "accuracy apart")
-    # Measured on a CPU demo generator: higher scales over-guide (speckled faces), docs/results.md.
-    guidance_scale: float = setting(2.0, "classifier-free guidance of the grid and the accuracy prompts", minimum=0,
+    # Measured on the CPU demo's generator: 1.5 scores best, higher scales over-guide (docs/results.md).
+    guidance_scale: float = setting(1.5, "classifier-free guidance of the grid and the accuracy prompts", minimum=0,
                                     maximum=100)
     eval_prompts: int = setting(48, "attribute-accuracy prompts (one image each)", minimum=1, maximum=100000)
     progress: bool = setting(True, "show progress bars")
@@ -75,7 +76,7 @@ def stage_configs(cfg: DemoConfig, size: str) -> tuple:
                                    adversarial_weight=0.0, sample_every=max(1, tok["steps"] // 2),
                                    save_every=max(1, tok["steps"] // 4))
     gen_cfg = GeneratorTrainConfig(**common, **gen, tokenizer=str(out / "tokenizer"), out=str(out / "generator"),
-                                   vocab_size=300, sample_every=max(1, gen["steps"] // 2),
+                                   sample_every=max(1, gen["steps"] // 2),
                                    save_every=max(1, gen["steps"] // 4))
     return tok_cfg, gen_cfg
 
