@@ -51,7 +51,7 @@ class GeneratorConfig:
 
 GENERATOR_PRESETS: dict[str, GeneratorConfig] = {
     "tiny": GeneratorConfig(num_codes=256, grid_size=8, dim=64, depth=2, heads=2, text_dim=64),
-    "demo": GeneratorConfig(num_codes=512, grid_size=8, dim=128, depth=4, heads=2, text_dim=64),
+    "demo": GeneratorConfig(num_codes=512, grid_size=8, dim=96, depth=4, heads=2, text_dim=64),
     # The benchmark reference: dim 512, depth 6, 8 heads, 8192 codes, 16x16 tokens, 768-wide text.
     "bench": GeneratorConfig(dim=512, depth=6, heads=8, text_dim=768),
     # FFHQ on one Colab GPU (~125M + T5); "large" is nearer Parti-350M's width.
