@@ -30,7 +30,8 @@ DEMO_SIZES = {
     # 64 px faces, 8x8 codes from 512, a 0.7M-parameter generator: the CPU demo, about 3 minutes on 2 cores
     # (sizes, batches and steps chosen by measurement: docs/benchmarks.md).
     "cpu": {"tokenizer": dict(preset="demo", steps=1000, batch_size=8, lr=3e-3),
-            "generator": dict(preset="demo", text_preset="tiny", steps=1600, batch_size=16, lr=3e-3),
+            "generator": dict(preset="demo", text_preset="tiny", steps=1600, batch_size=16, lr=3e-3,
+                              ema_decay=0.995),
             "synthetic_length": 10000, "num_workers": 0},
     # One GPU: 128 px, 16x16 codes from 8192, a 34M-parameter generator; loader processes render the faces.
     "gpu": {"tokenizer": dict(preset="base", steps=2000, batch_size=64, lr=1e-3),
