@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import time
 
 import torch
@@ -69,21 +68,19 @@ def tokenizer_step_fn(preset: str, batch: int, compiled: bool):
     return step
 
 
-def generator_step_fn(preset: str, batch: int, vocab_size: int, text_preset: str, dim: int | None,
-                      compiled: bool):
+def generator_step_fn(gen_cfg, dim: int | None, compiled: bool):
+    """gen_cfg: the demo's GeneratorTrainConfig (preset, batch, text encoder and vocabulary)."""
     from parti.generator import build_generator
     from parti.optim import make_adamw
     from parti.synthetic import SyntheticFaces
-    from parti.text import TEXT_ENCODER_PRESETS, build_text_encoder
-    from parti.train_generator import Objective
+    from parti.train_generator import Objective, _trainable_text_encoder
 
     torch.manual_seed(0)
+    batch = gen_cfg.batch_size
     faces = SyntheticFaces(length=2000, size=32)
     captions = [faces[i]["caption"] for i in range(len(faces))]
-    config = dataclasses.replace(TEXT_ENCODER_PRESETS[text_preset], tokenizer="sentencepiece", vocab_size=vocab_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        encoder = build_text_encoder("trainable", captions=captions, config=config, out_dir=tmp)
-    gen = build_generator(preset, text_dim=encoder.dim, **({} if dim is None else {"dim": dim}))
+    encoder = _trainable_text_encoder(gen_cfg, captions, "cpu", None)  # as the trainer builds it
+    gen = build_generator(gen_cfg.preset, text_dim=encoder.dim, **({} if dim is None else {"dim": dim}))
     objective = Objective(gen, encoder)
     opt = make_adamw(objective.parameters(), lr=1e-3, weight_decay=0.05)
     codes = torch.randint(0, gen.config.num_codes, (batch, gen.config.seq_len))
@@ -102,45 +99,36 @@ def generator_step_fn(preset: str, batch: int, vocab_size: int, text_preset: str
 
 
 def main() -> None:
-    from parti.demo import DEMO_SIZES
+    from parti.demo import DemoConfig, stage_configs
 
-    sizes = DEMO_SIZES["cpu"]
-    tok_size, gen_size = sizes["tokenizer"], sizes["generator"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default=tok_size["preset"])
-    parser.add_argument("--generator", default=gen_size["preset"])
-    parser.add_argument("--tokenizer-batch", type=int, default=tok_size["batch_size"])
-    parser.add_argument("--generator-batch", type=int, default=gen_size["batch_size"])
     parser.add_argument("--dim", type=int, default=None, help="a generator width override")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the steps under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     probe = matmul_gflops()
-    from parti.train_generator import GeneratorTrainConfig
-
-    vocab = gen_size.get("vocab_size", GeneratorTrainConfig.vocab_size)
-    result = {"matmul_gflops": round(probe, 1), "tokenizer": args.tokenizer, "generator": args.generator,
-              "tokenizer_batch": args.tokenizer_batch, "generator_batch": args.generator_batch}
+    tok_cfg, gen_cfg = stage_configs(DemoConfig(progress=False), "cpu")  # the demo's settings; nothing is written
+    result = {"matmul_gflops": round(probe, 1), "tokenizer": tok_cfg.preset, "generator": gen_cfg.preset,
+              "tokenizer_batch": tok_cfg.batch_size, "generator_batch": gen_cfg.batch_size}
     print(f"matmul probe {probe:.0f} GFLOP/s (fp32, 512x512)")
     for compiled in (False, True) if args.compile else (False,):
         tag = "_compiled" if compiled else ""
         t0 = time.perf_counter()
-        tok_step = tokenizer_step_fn(args.tokenizer, args.tokenizer_batch, compiled)
+        tok_step = tokenizer_step_fn(tok_cfg.preset, tok_cfg.batch_size, compiled)
         tok_step()  # compiles, when compiled
         first = time.perf_counter() - t0
         t_tok = timed(tok_step)
         t0 = time.perf_counter()
-        gen_step, params, text_len = generator_step_fn(args.generator, args.generator_batch, vocab,
-                                                       gen_size["text_preset"], args.dim, compiled)
+        gen_step, params, text_len = generator_step_fn(gen_cfg, args.dim, compiled)
         gen_step()
         first_g = time.perf_counter() - t0
         t_gen = timed(gen_step)
         label = " (compiled)" if compiled else ""
-        print(f"tokenizer {args.tokenizer} step{label}, batch {args.tokenizer_batch}: {t_tok * 1e3:.1f} ms"
+        print(f"tokenizer {tok_cfg.preset} step{label}, batch {tok_cfg.batch_size}: {t_tok * 1e3:.1f} ms"
               + (f" (first step with compilation {first:.1f} s)" if compiled else ""))
-        print(f"generator {args.generator} ({params / 1e6:.2f}M, captions of {text_len} tokens) step{label}, "
-              f"batch {args.generator_batch}: {t_gen * 1e3:.1f} ms"
+        print(f"generator {gen_cfg.preset} ({params / 1e6:.2f}M, captions of {text_len} tokens) step{label}, "
+              f"batch {gen_cfg.batch_size}: {t_gen * 1e3:.1f} ms"
               + (f" (first step with compilation {first_g:.1f} s)" if compiled else ""))
         result.update({f"tokenizer_step_ms{tag}": round(t_tok * 1e3, 1), f"generator_step_ms{tag}": round(t_gen * 1e3, 1),
                        "generator_params": params, "text_tokens": text_len})

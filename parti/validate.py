@@ -73,8 +73,10 @@ def _check_range(field: str, value: Any, bound: tuple, *, what: str) -> None:
         raise PartiError(f"{what}: config key {field!r} = {value!r} is out of range (need {low} <= value {top})")
 
 
-def _get(values: dict[str, Any], key: str, default: Any) -> Any:
-    return values.get(key, default)
+def _values(values: dict[str, Any], cls: type, *keys: str) -> tuple:
+    """values[key] for each key, or the dataclass cls's default where the config leaves it out."""
+    fields = cls.__dataclass_fields__
+    return tuple(values.get(key, fields[key].default) for key in keys)
 
 
 def _divides(what: str, small: str, a: int, big: str, b: int) -> None:
@@ -90,30 +92,23 @@ def _block_params(dim: int, mlp_ratio: float) -> int:
 def _tokenizer_relations(v: dict[str, Any], *, what: str) -> int:
     from parti.tokenizer import TokenizerConfig  # defaults live in the dataclass, never here
 
-    d = TokenizerConfig.__dataclass_fields__
-    size, patch = _get(v, "image_size", d["image_size"].default), _get(v, "patch_size", d["patch_size"].default)
-    dim, heads = _get(v, "dim", d["dim"].default), _get(v, "heads", d["heads"].default)
+    size, patch, dim, heads, enc, dec, ratio, book, book_dim = _values(
+        v, TokenizerConfig, "image_size", "patch_size", "dim", "heads", "encoder_depth", "decoder_depth",
+        "mlp_ratio", "codebook_size", "codebook_dim")
     _divides(what, "patch_size", patch, "image_size", size)
     _divides(what, "heads", heads, "dim", dim)
     tokens = (size // patch) ** 2
     if tokens > MAX_TOKENS:
         raise PartiError(f"{what}: image_size {size} / patch_size {patch} gives {tokens} tokens, above {MAX_TOKENS}")
-    depth = _get(v, "encoder_depth", d["encoder_depth"].default) + _get(v, "decoder_depth", d["decoder_depth"].default)
-    ratio = _get(v, "mlp_ratio", d["mlp_ratio"].default)
-    codes = _get(v, "codebook_size", d["codebook_size"].default) * _get(v, "codebook_dim", d["codebook_dim"].default)
-    return depth * _block_params(dim, ratio) + 2 * tokens * dim + 6 * patch * patch * dim + codes
+    return (enc + dec) * _block_params(dim, ratio) + 2 * tokens * dim + 6 * patch * patch * dim + book * book_dim
 
 
 def _generator_relations(v: dict[str, Any], *, what: str) -> int:
     from parti.generator import GeneratorConfig
 
-    d = GeneratorConfig.__dataclass_fields__
-    dim, heads = _get(v, "dim", d["dim"].default), _get(v, "heads", d["heads"].default)
+    dim, heads, grid, codes, ratio, depth, text_layers, text_dim = _values(
+        v, GeneratorConfig, "dim", "heads", "grid_size", "num_codes", "mlp_ratio", "depth", "text_layers", "text_dim")
     _divides(what, "heads", heads, "dim", dim)
-    grid, codes = _get(v, "grid_size", d["grid_size"].default), _get(v, "num_codes", d["num_codes"].default)
-    ratio = _get(v, "mlp_ratio", d["mlp_ratio"].default)
-    depth, text_layers = _get(v, "depth", d["depth"].default), _get(v, "text_layers", d["text_layers"].default)
-    text_dim = _get(v, "text_dim", d["text_dim"].default)
     layer = _block_params(dim, ratio) + 4 * dim * dim  # + cross-attention
     return depth * layer + text_layers * _block_params(dim, ratio) + 2 * codes * dim + 2 * grid * dim + text_dim * dim
 
@@ -121,9 +116,7 @@ def _generator_relations(v: dict[str, Any], *, what: str) -> int:
 def _text_relations(v: dict[str, Any], *, what: str) -> int:
     from parti.text import TextEncoderConfig
 
-    d = TextEncoderConfig.__dataclass_fields__
-    width, heads = _get(v, "d_model", d["d_model"].default), _get(v, "num_heads", d["num_heads"].default)
+    width, heads, layers, d_ff, vocab = _values(v, TextEncoderConfig, "d_model", "num_heads", "num_layers", "d_ff",
+                                                "vocab_size")
     _divides(what, "num_heads", heads, "d_model", width)
-    layers, d_ff = _get(v, "num_layers", d["num_layers"].default), _get(v, "d_ff", d["d_ff"].default)
-    vocab = _get(v, "vocab_size", d["vocab_size"].default)
     return vocab * width + layers * (4 * width * width + 3 * width * d_ff)  # gated-GELU: two input projections

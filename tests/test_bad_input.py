@@ -117,12 +117,18 @@ def cache_edit(mutate):
     return action
 
 
-def manifest(fn):
-    def mutate(root: Path) -> None:
-        data = json.loads((root / "manifest.json").read_text())
-        fn(data)
-        (root / "manifest.json").write_text(json.dumps(data))
-    return mutate
+def json_edit(name: str):
+    """edit(fn): a mutation of a copied folder that applies fn to the JSON object in folder/name."""
+    def edit(fn):
+        def mutate(folder: Path) -> None:
+            data = json.loads((folder / name).read_text())
+            fn(data)
+            (folder / name).write_text(json.dumps(data))
+        return mutate
+    return edit
+
+
+manifest = json_edit("manifest.json")
 
 
 def put(name: str, make, *, record: bool = True):
@@ -223,12 +229,7 @@ def gen_edit(mutate):
     return action
 
 
-def config(fn):
-    def mutate(folder: Path) -> None:
-        data = json.loads((folder / "config.json").read_text())
-        fn(data)
-        (folder / "config.json").write_text(json.dumps(data))
-    return mutate
+config = json_edit("config.json")
 
 
 def model_config(**values):
