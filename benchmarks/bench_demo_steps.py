@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=None, help="a generator width override")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the steps under torch.compile")
+    parser.add_argument("--word-pieces", action="store_true",
+                        help="also time the generator step with captions in word pieces (phrase_pieces off)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     probe = matmul_gflops()
@@ -132,6 +134,14 @@ def main() -> None:
               + (f" (first step with compilation {first_g:.1f} s)" if compiled else ""))
         result.update({f"tokenizer_step_ms{tag}": round(t_tok * 1e3, 1), f"generator_step_ms{tag}": round(t_gen * 1e3, 1),
                        "generator_params": params, "text_tokens": text_len})
+        if args.word_pieces and not compiled:
+            words_step, _, words_len = generator_step_fn(dataclasses.replace(gen_cfg, phrase_pieces=False), args.dim,
+                                                         False)
+            words_step()
+            t_words = timed(words_step)
+            print(f"generator step with word pieces (captions of {words_len} tokens): {t_words * 1e3:.1f} ms "
+                  f"({t_words / t_gen:.2f}x the phrase pieces' time)")
+            result.update({"generator_step_ms_word_pieces": round(t_words * 1e3, 1), "text_tokens_word_pieces": words_len})
         if compiled:
             result.update({"tokenizer_compile_s": round(first, 1), "generator_compile_s": round(first_g, 1)})
     print(json.dumps(result))

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from parti.errors import PartiError
+    from parti.errors import EveryRankError, PartiError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         # One write per message: ranks sharing a stderr pipe then cannot splice their lines together.
         sys.stderr.write(f"parti: error: {e}\n")
         sys.stderr.flush()
+        if isinstance(e, EveryRankError):  # let every rank print it before the launcher stops the rest
+            from parti.distributed import wait_for_every_rank
+
+            wait_for_every_rank()
         return 2
     except KeyboardInterrupt:
         print("parti: interrupted", file=sys.stderr)

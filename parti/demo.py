@@ -30,12 +30,13 @@ DEMO_SIZES = {
     # 64 px faces, 8x8 codes from 512, a 0.7M-parameter generator: the CPU demo, about 3 minutes on 2 cores
     # (sizes, batches and steps chosen by measurement: docs/benchmarks.md).
     "cpu": {"tokenizer": dict(preset="demo", steps=1000, batch_size=8, lr=3e-3),
-            "generator": dict(preset="demo", text_preset="tiny", steps=1600, batch_size=16, lr=3e-3,
-                              ema_decay=0.995),
+            "generator": dict(preset="demo", text_preset="tiny", phrase_pieces=True, steps=1600, batch_size=16,
+                              lr=3e-3, ema_decay=0.995),
             "synthetic_length": 10000, "num_workers": 0},
     # One GPU: 128 px, 16x16 codes from 8192, a 34M-parameter generator; loader processes render the faces.
     "gpu": {"tokenizer": dict(preset="base", steps=2000, batch_size=64, lr=1e-3),
-            "generator": dict(preset="bench", text_preset="small", steps=2000, batch_size=64, lr=5e-4),
+            "generator": dict(preset="bench", text_preset="small", phrase_pieces=True, steps=2000, batch_size=64,
+                              lr=5e-4),
             "synthetic_length": 20000, "num_workers": 6},
     # Seconds: the tests' end-to-end check of this command's wiring (not a useful model).
     "smoke": {"tokenizer": dict(preset="tiny", steps=4, batch_size=8, lr=2e-3),
@@ -142,7 +143,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 # Settings that change what a stage learns; a demo folder made with other values is not continued.
-_SAME_RUN_KEYS = ("data", "preset", "steps", "batch_size", "lr", "synthetic_length", "holdout", "seed", "text_preset")
+_SAME_RUN_KEYS = ("data", "preset", "steps", "batch_size", "lr", "synthetic_length", "holdout", "seed", "text_preset",
+                  "phrase_pieces")
+_FLAGS = ("holdout", "phrase_pieces")  # missing from an older run.json: off
 
 
 def _check_same_run(run_dir: Path, config: dict) -> None:
@@ -150,7 +153,7 @@ def _check_same_run(run_dir: Path, config: dict) -> None:
         return
     old = json.loads((run_dir / "run.json").read_text()).get("config", {})
     changed = [f"{k}: {old.get(k, False)!r} -> {config[k]!r}" for k in _SAME_RUN_KEYS
-               if k in config and old.get(k, False if k == "holdout" else None) != config[k]]
+               if k in config and old.get(k, False if k in _FLAGS else None) != config[k]]
     if changed:
         raise PartiError(f"{run_dir} holds a demo stage made with other settings ({'; '.join(changed)}); "
                          f"delete {run_dir.parent} or pass --out NEW_FOLDER")

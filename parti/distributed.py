@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from parti.errors import PartiError
+from parti.errors import EveryRankError, PartiError
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,41 @@ def make_accelerator(mixed_precision: str = "auto", *, cpu: bool = False):
 
 def on_main(acc, fn):
     """Run `fn` on the main process only. Its failure is raised on every rank (a PartiError with the same
-    one-line message; any other error re-raised on main, a PartiError naming it elsewhere), so the other
-    ranks never wait forever at the next collective. Returns fn's result on the main process, else None."""
+    one-line message, an EveryRankError when there are several ranks; any other error re-raised on main, a
+    PartiError naming it elsewhere), so the other ranks never wait forever at the next collective. Returns
+    fn's result on the main process, else None."""
     result, message, error = None, "", None
     if acc.is_main_process:
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             error = e
-            message = (str(e) or "failed") if isinstance(e, PartiError) else f"the main process failed ({e!r})"
+            # First character: P, a user mistake every rank reports; X, a bug main raises with its traceback.
+            message = f"P{str(e) or 'failed'}" if isinstance(e, PartiError) else f"Xthe main process failed ({e!r})"
     if acc.num_processes > 1:
         message = _broadcast_text(acc, message)
+    if not message:
+        return result
+    kind, text = message[0], message[1:]
+    if kind == "P" and acc.num_processes > 1:
+        raise EveryRankError(text) from error
     if error is not None:
         raise error
-    if message:
-        raise PartiError(message)
-    return result
+    raise PartiError(text)
+
+
+def wait_for_every_rank(timeout_s: float = 30.0) -> None:
+    """After an EveryRankError is printed: wait (at most timeout_s) until every rank has printed it too."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - exiting anyway: a rank that is gone must not turn an error into a hang
+        pass
 
 
 def _broadcast_text(acc, text: str) -> str:

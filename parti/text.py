@@ -278,12 +278,16 @@ def _as_list(ids: list[int] | Tensor) -> list[int]:
     return ids.tolist() if isinstance(ids, Tensor) else list(ids)
 
 
-def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
+def _train_spm_proto(captions: Iterable[str], *, vocab_size: int, phrases: bool = False) -> bytes:
     """Train a BPE sentencepiece model in memory on `captions`; same captions -> same bytes.
 
     BPE, not T5's unigram: on a small caption vocabulary (the synthetic faces' 44 words) unigram keeps
     few pieces and splits most words into letters ("red" -> "_", "re", "d"; 34 tokens a caption against
     BPE's 17), which costs the text encoder and the cross-attention twice the tokens.
+
+    phrases=True lets a piece span words ("▁no▁hat", "▁light▁skin"): frequent phrases become one token
+    (10 tokens a synthetic caption instead of 17), and so does a negation, which a one-layer encoder
+    otherwise has to bind to the next word ("glasses and no hat" vs "no glasses and a hat").
     """
     import sentencepiece as spm
 
@@ -301,7 +305,7 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
             byte_fallback=True,  # emoji and rare characters become bytes instead of <unk>
             character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",  # NFKC + lower-case
             hard_vocab_limit=False,  # a small caption set may support fewer pieces than asked: fine
-            minloglevel=2)
+            split_by_whitespace=not phrases, minloglevel=2)
     except RuntimeError as e:  # sentencepiece's messages: "INTERNAL: file.cc(827) [check] reason"
         lines = (str(e).split("] ", 1)[-1].strip() or str(e).strip()).splitlines()
         reason = lines[0] if lines else type(e).__name__
@@ -312,9 +316,11 @@ def _train_spm_proto(captions: Iterable[str], *, vocab_size: int) -> bytes:
     return buf.getvalue()
 
 
-def train_sentencepiece(captions: Iterable[str], out_dir: str | Path, *, vocab_size: int = 1000) -> Path:
-    """Train on `captions` and write out_dir/spm.model; returns its path. Vocab may end up smaller."""
-    proto = _train_spm_proto(captions, vocab_size=vocab_size)
+def train_sentencepiece(captions: Iterable[str], out_dir: str | Path, *, vocab_size: int = 1000,
+                        phrases: bool = False) -> Path:
+    """Train on `captions` and write out_dir/spm.model; returns its path. Vocab may end up smaller.
+    phrases=True: pieces may span words (see `_train_spm_proto`)."""
+    proto = _train_spm_proto(captions, vocab_size=vocab_size, phrases=phrases)
     path = Path(out_dir) / SPM_NAME
     _write_bytes(path, proto)
     return path
@@ -446,13 +452,15 @@ def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu")
 
 def build_text_encoder(spec: str = "trainable", *, captions: Iterable[str] | None = None,
                        out_dir: str | Path | None = None, config: TextEncoderConfig | None = None,
-                       max_length: int | None = None, device: str | torch.device = "cpu") -> TextEncoder:
+                       max_length: int | None = None, phrases: bool = False,
+                       device: str | torch.device = "cpu") -> TextEncoder:
     """"trainable" -> a fresh TrainableTextEncoder; anything else ("t5-large", hub name, folder) -> load_t5.
 
     Trainable: with `config=None` the "small" preset is used, with a sentencepiece tokenizer trained on
     `captions` when given (written to out_dir/spm.model when `out_dir` is given), else bytes. A given
     sentencepiece `config` trains on `captions` with its vocab_size; the config then records the vocabulary
-    actually learned. `max_length` defaults to 128 or the config's.
+    actually learned. `max_length` defaults to 128 or the config's. phrases=True: sentencepiece pieces may
+    span words (see `_train_spm_proto`).
     """
     if spec != "trainable":
         return load_t5(spec, max_length=128 if max_length is None else max_length, device=device)
@@ -467,7 +475,7 @@ def build_text_encoder(spec: str = "trainable", *, captions: Iterable[str] | Non
         return TrainableTextEncoder(config, tokenizer=ByteTokenizer(max_length=config.max_length)).to(device)
     if captions is None:
         raise PartiError("a sentencepiece text encoder is trained on the dataset's captions; pass captions")
-    proto = _train_spm_proto(captions, vocab_size=config.vocab_size)
+    proto = _train_spm_proto(captions, vocab_size=config.vocab_size, phrases=phrases)
     if out_dir is not None:
         _write_bytes(Path(out_dir) / SPM_NAME, proto)
     tok = SentencePieceTokenizer.from_proto(proto, max_length=config.max_length)

@@ -53,6 +53,8 @@ class GeneratorTrainConfig(TrainConfig):
     text_tokenizer: str = setting("sentencepiece", "the trainable encoder's tokenizer: a SentencePiece vocabulary "
                                   "learned from the captions, or bytes", choices=("sentencepiece", "bytes"))
     vocab_size: int = setting(1000, "SentencePiece vocabulary size", minimum=8, maximum=1 << 20)
+    phrase_pieces: bool = setting(False, "SentencePiece pieces may span words ('no hat' one token): fewer tokens "
+                                  "a caption, and negations a one-layer encoder reads (the demo's captions)")
     grad_clip: float = setting(4.0)  # Parti's value
     cond_drop_prob: float = setting(0.1, "share of captions dropped, for classifier-free guidance", minimum=0,
                                     maximum=1)
@@ -114,7 +116,8 @@ def _trainable_text_encoder(cfg: GeneratorTrainConfig, captions: list[str], devi
         config = dataclasses.replace(preset, tokenizer="bytes", vocab_size=text_mod.ByteTokenizer.vocab_size)
     else:
         config = dataclasses.replace(preset, tokenizer="sentencepiece", vocab_size=cfg.vocab_size)
-    return text_mod.build_text_encoder("trainable", captions=captions, config=config, device=device)
+    return text_mod.build_text_encoder("trainable", captions=captions, config=config, phrases=cfg.phrase_pieces,
+                                       device=device)
 
 
 def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[CodeCache, CodeCache]:
@@ -167,7 +170,7 @@ class GeneratorStage(Stage):
     """The generator and (when trainable) the text encoder as one `Objective`, with optional EMA."""
 
     name = "generator"
-    inputs = (*Stage.inputs, "text_preset", "text_tokenizer", "vocab_size")
+    inputs = (*Stage.inputs, "text_preset", "text_tokenizer", "vocab_size", "phrase_pieces")
 
     @classmethod
     def reads(cls, cfg) -> tuple[str, ...]:

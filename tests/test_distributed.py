@@ -124,6 +124,68 @@ def test_an_error_on_the_main_process_stops_every_rank(tmp_path):
     assert all("no readable images" in e for e in errors), errors
 
 
+class FakeAcc:
+    def __init__(self, main: bool, processes: int):
+        self.is_main_process, self.num_processes = main, processes
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_on_main_tells_every_rank_whether_the_failure_is_a_user_mistake(main, monkeypatch):
+    """A PartiError on main becomes an EveryRankError on every rank (the CLI then waits for all to print);
+    a bug stays main's own exception (traceback), and elsewhere a plain PartiError that waits for no one
+    (main never reaches that wait)."""
+    from parti import distributed
+    from parti.errors import EveryRankError, PartiError
+
+    sent = {}
+    def broadcast(acc, text):  # rank 0's string on every rank; the other rank receives what main sent
+        sent.setdefault("text", text)
+        return text if acc.is_main_process else sent["main"]
+    monkeypatch.setattr(distributed, "_broadcast_text", broadcast)
+
+    def fail(exc):
+        def fn():
+            raise exc
+        return fn
+
+    acc = FakeAcc(main, 2)
+    sent["main"] = "Pno readable images in faces/"
+    with pytest.raises(EveryRankError, match="^no readable images in faces/$"):
+        distributed.on_main(acc, fail(PartiError("no readable images in faces/")))
+    sent.clear()
+    sent["main"] = "Xthe main process failed (ValueError('bug'))"
+    with pytest.raises(ValueError if main else PartiError) as info:
+        distributed.on_main(acc, fail(ValueError("bug")))
+    assert not isinstance(info.value, EveryRankError) and (main or "ValueError('bug')" in str(info.value))
+    sent.clear()
+    sent["main"] = ""
+    assert distributed.on_main(acc, lambda: 7) == (7 if main else None)
+    # One process: the original error, as raised.
+    original = PartiError("bad")
+    with pytest.raises(PartiError) as info:
+        distributed.on_main(FakeAcc(True, 1), fail(original))
+    assert info.value is original
+    distributed.wait_for_every_rank()  # no process group: returns at once
+
+
+def test_the_cli_waits_for_every_rank_only_after_an_every_rank_error(monkeypatch, capsys):
+    from parti import cli, distributed
+    from parti.errors import EveryRankError, PartiError
+
+    from types import SimpleNamespace
+
+    waits = []
+    monkeypatch.setattr(distributed, "wait_for_every_rank", lambda: waits.append(1))
+    for error, expected in ((PartiError("mine"), []), (EveryRankError("ours"), [1])):
+        def boom(args, error=error):
+            raise error
+        args = SimpleNamespace(quiet=True, func=boom)
+        monkeypatch.setattr(cli, "build_parser", lambda args=args: SimpleNamespace(parse_args=lambda argv: args))
+        waits.clear()
+        assert cli.main([]) == 2 and waits == expected
+        assert capsys.readouterr().err == f"parti: error: {error}\n"
+
+
 @pytest.mark.slow
 def test_two_processes_track_one_with_the_global_batch_tokenizer(tmp_path):
     options = {"data": "synthetic", "synthetic_length": 64, "preset": "tiny", "steps": STEPS, "lr": 2e-3,

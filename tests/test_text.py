@@ -163,6 +163,36 @@ def test_sentencepiece_truncation_and_bad_vocab(spm_path):
     assert SentencePieceTokenizer(big).vocab_size < 5000
 
 
+def test_phrase_pieces_make_negations_one_token_on_the_synthetic_captions(tmp_path):
+    """Word pieces give "glasses and no hat" and "no glasses and a hat" nearly the same tokens (a bag that
+    differs by "a"), and a one-layer encoder mixes them up; phrase pieces make each negation a token."""
+    import collections
+
+    from parti import synthetic
+
+    rng = random.Random(0)
+    captions = [synthetic.make_caption(synthetic.sample_attributes(rng), rng) for _ in range(3000)]
+    words = SentencePieceTokenizer(train_sentencepiece(captions, tmp_path / "words", vocab_size=1000))
+    phrases = SentencePieceTokenizer(train_sentencepiece(captions, tmp_path / "phrases", vocab_size=1000,
+                                                         phrases=True))
+    base = dict(expression="smiling", hair_length="short", hair_color="red", skin_tone="tan",
+                background_color="blue")
+    one, other = (synthetic.describe({**base, "glasses": g, "hat": not g}) for g in (True, False))
+
+    def pieces(tok, text):
+        return [tok.sp.id_to_piece(i) for i in tok.sp.encode(text)]
+
+    assert "▁no" in pieces(words, one) and "▁no▁hat" in pieces(phrases, one)
+    assert any(p.startswith("▁no▁glasses") for p in pieces(phrases, other))
+    bag = lambda tok, text: collections.Counter(pieces(tok, text))
+    assert sum((bag(words, one) - bag(words, other)).values()) == 0  # "one" is "other" less a word
+    assert sum((bag(phrases, one) - bag(phrases, other)).values()) >= 2  # its own negation and its own "glasses"
+    n_words, n_phrases = (sum(len(tok.sp.encode(c)) for c in captions) for tok in (words, phrases))
+    assert n_phrases < 0.75 * n_words, (n_phrases, n_words)  # fewer tokens for the encoder and cross-attention
+    again = train_sentencepiece(captions, tmp_path / "again", vocab_size=1000, phrases=True)
+    assert again.read_bytes() == (tmp_path / "phrases" / "spm.model").read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------- trainable
 
 
