@@ -89,7 +89,7 @@ def demo_folder(cfg: DemoConfig) -> Path:
 
 def _train_stage(run_dir: Path, config, train, before: float | None) -> float:
     """Train a stage unless it already finished; the seconds it took (or took the run that trained it)."""
-    _check_same_run(run_dir, dataclasses.asdict(config))
+    _check_same_run(run_dir, config)
     if _finished(run_dir, config.steps):
         return before or 0.0
     t0 = time.time()
@@ -145,15 +145,16 @@ def run_demo(cfg: DemoConfig) -> dict:
 # Settings that change what a stage learns; a demo folder made with other values is not continued.
 _SAME_RUN_KEYS = ("data", "preset", "steps", "batch_size", "lr", "synthetic_length", "holdout", "seed", "text_preset",
                   "phrase_pieces")
-_FLAGS = ("holdout", "phrase_pieces")  # missing from an older run.json: off
 
 
-def _check_same_run(run_dir: Path, config: dict) -> None:
+def _check_same_run(run_dir: Path, config) -> None:
+    """config: the stage's training config. A key an older run.json lacks counts as its default."""
     if not (run_dir / "run.json").is_file():
         return
     old = json.loads((run_dir / "run.json").read_text()).get("config", {})
-    changed = [f"{k}: {old.get(k, False)!r} -> {config[k]!r}" for k in _SAME_RUN_KEYS
-               if k in config and old.get(k, False if k in _FLAGS else None) != config[k]]
+    now, defaults = dataclasses.asdict(config), {f.name: f.default for f in dataclasses.fields(config)}
+    was = {k: old.get(k, defaults[k]) for k in _SAME_RUN_KEYS if k in now}
+    changed = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now[k]]
     if changed:
         raise PartiError(f"{run_dir} holds a demo stage made with other settings ({'; '.join(changed)}); "
                          f"delete {run_dir.parent} or pass --out NEW_FOLDER")
