@@ -104,7 +104,7 @@ def cmd_sample(args) -> None:
     sampling = config_from_args(SamplingParams, args)
     check_image_output(args.out)  # before minutes of sampling, and never over a checkpoint's files
     pipe = load_pipeline(args.checkpoint, device=args.device, text_encoder_path=args.text_encoder_path,
-                         dtype=args.dtype)
+                         dtype=args.dtype, compile={"auto": "auto", "on": True, "off": False}[args.compile])
     result = pipe(args.prompt, sampling, num_images_per_prompt=args.num_images, seed=args.seed)
     sample_grid(result.images.cpu(), args.prompt, images_per_prompt=args.num_images, path=args.out)
     print(f"wrote {args.out}")
@@ -195,6 +195,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--text-encoder-path", default=None, help="local copy of the frozen T5 the generator used")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="generator weights while sampling (default auto: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="decode through the compiled step (default auto: on GPUs; on a CPU, 'on' pays 20-40 s of "
+                        "compilation per batch shape to sample about 1.1-1.5x faster after)")
     p.add_argument("--out", default="images/samples.png", help="the grid's image file (default: images/samples.png)")
     p.set_defaults(func=cmd_sample)
 

@@ -11,8 +11,11 @@ decoding needs beside the weights, so the model itself stays a plain teacher-for
 
 Compiled (`decoder_for(..., compile=True)`): every step has the same shapes (attention over the whole
 cache with positions after `pos` masked, `pos` a tensor), so `torch.compile` builds one graph and CUDA
-graphs (`mode="reduce-overhead"`) replay it. The compiled decoder is cached per generator and shape for
-the process; compilation failures log one warning and decoding runs eager, which is also the reference.
+graphs (`mode="reduce-overhead"`) replay it. The state (cache, text keys/values) is passed in as inputs;
+attention at one query is written as reductions that inductor fuses into one loop. On CPU the weights are
+frozen into the graph as copies packed for MKL's GEMM (about 1.6x the weights' memory while the decoder
+lives); a change to the weights compiles it anew. The compiled decoder is cached per generator and shape
+for the process; compilation failures log one warning and decoding runs eager, which is also the reference.
 """
 
 from __future__ import annotations
@@ -108,6 +111,13 @@ def null_cross_outputs(model: Generator) -> list[torch.Tensor]:
     return outs
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row as elementwise products and sums: q (R, H, 1, d), k/v (R, H, T, d),
+    bias additive, broadcastable to (R, H, T, 1) -> (R, H, 1, d). Softmax in fp32, as SDPA's kernel does."""
+    s = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5 + bias  # (R, H, T, 1)
+    return (torch.softmax(s, dim=2) * v.float()).sum(2, keepdim=True).to(v.dtype)
+
+
 class Decoder(nn.Module):
     """Cached decoding of `model` for `batch` prompts of `context_len` text tokens. With `guided`, the
     step runs 2 * batch rows: the conditional ones, then null rows (classifier-free guidance).
@@ -130,19 +140,17 @@ class Decoder(nn.Module):
         self.register_buffer("col_of", model.cols, persistent=False)
         p = next(model.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
         d, kw = c.dim // c.heads, {"dtype": p.dtype, "device": p.device}
-        # One buffer per layer and k/v, written in place: a write into a view of one big buffer would make
-        # the compiled step rebuild that whole buffer (functionalisation) at every layer.
-        self.cache = []  # depth x (k, v), each (rows, H, T, d)
-        for i in range(c.depth):
-            for name in ("k", "v"):
-                self.register_buffer(f"cache_{name}{i}", torch.zeros(self.rows, c.heads, c.seq_len, d, **kw),
-                                     persistent=False)
-            self.cache.append((getattr(self, f"cache_k{i}"), getattr(self, f"cache_v{i}")))
-        self.register_buffer("ctx_kv", torch.zeros(c.depth, 2, batch, c.heads, context_len, d, **kw), persistent=False)
-        self.register_buffer("ctx_mask", torch.zeros(batch, 1, 1, context_len, **kw), persistent=False)  # additive
-        self.register_buffer("null_outs", torch.zeros(c.depth, 1, 1, c.dim, **kw), persistent=False)
+        # The state a step reads and writes is held as plain tensors, not buffers: the compiled step takes it
+        # as inputs (`state`), and freezing would turn a buffer it does not write into a constant.
+        # One tensor per layer and k/v, written in place: a write into a view of one big tensor would make
+        # the compiled step rebuild that whole tensor (functionalisation) at every layer.
+        self.cache = [tuple(torch.zeros(self.rows, c.heads, c.seq_len, d, **kw) for _ in "kv")
+                      for _ in range(c.depth)]  # depth x (k, v), each (rows, H, T, d)
+        self.ctx_kv = torch.zeros(c.depth, 2, batch, c.heads, context_len, d, **kw)
+        self.ctx_mask = torch.zeros(batch, 1, 1, context_len, **kw)  # additive
+        self.null_outs = torch.zeros(c.depth, 1, 1, c.dim, **kw)
+        self.pos = torch.zeros(1, dtype=torch.long, device=p.device)
         self.register_buffer("positions", torch.arange(c.seq_len, device=p.device), persistent=False)
-        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=p.device), persistent=False)
         self.linears = []  # per layer: name -> callable (rows, t, D_in) -> (rows, t, D_out)
         for layer in model.layers:
             every = {"q": layer.self_attn.q, "kv": layer.self_attn.kv, "out": layer.self_attn.out,
@@ -153,6 +161,7 @@ class Decoder(nn.Module):
         self.head_linear = self._linear(model.head, self.rows, packed)
         self.compiled = None  # set by `decoder_for`: the compiled `forward`
         self.compile_s: float | None = None  # seconds the first compiled steps took (compilation)
+        self.weights_key: tuple | None = None  # with frozen weights: `weights_key(model)` when compiled
 
     @staticmethod
     def _linear(m: nn.Linear, rows: int, packed: bool):
@@ -178,38 +187,57 @@ class Decoder(nn.Module):
         if self.guided:
             self.null_outs.copy_(torch.stack([o.reshape(1, 1, -1) for o in null_cross_outputs(model)]))
 
+    def state(self) -> tuple:
+        """What a step reads beside the weights and writes: the KV cache (flat: k0, v0, k1, ...), the text's
+        keys/values, its additive mask and the null rows' outputs. The compiled step takes them as inputs,
+        so that freezing (CPU) turns only the weights into constants."""
+        return (tuple(t for kv in self.cache for t in kv), self.ctx_kv, self.ctx_mask, self.null_outs)
+
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """token (rows, 1) long, the inputs at position `pos` (BOS first) -> fp32 logits (rows, K)."""
         self.pos.fill_(pos)  # one tensor for every step: the compiled graph reads `pos` from it
         if self.compiled is not None:
             if self.pos.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-            return self.compiled(token, self.pos)
+            return self.compiled(token, self.pos, *self.state())
         return self(token, self.pos, length=None if self.static else pos + 1)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """token (rows, 1), pos (1,) long -> logits (rows, K). length: attend over the first `length`
-        cached positions (eager); None: over all T, those after `pos` masked (static shapes)."""
+        cached positions (eager, SDPA); None: over all T, those after `pos` masked (static shapes)."""
+        return self.static_step(token, pos, *self.state(), length=length)
+
+    def static_step(self, token: torch.Tensor, pos: torch.Tensor, cache: tuple, ctx_kv: torch.Tensor,
+                    ctx_mask: torch.Tensor, null_outs: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """`forward` with the state passed in (what gets compiled, with length None). With length None,
+        attention is written out as reductions over the cache, which the compiler fuses into one loop per
+        layer (SDPA's kernel at one query costs about 100 us a call on a CPU)."""
         x = self.token_emb(token) + self.row_emb(self.row_of[pos]) + self.col_emb(self.col_of[pos])  # (R, 1, D)
-        self_mask = None if length is not None else (self.positions <= pos)[None]  # (1, T) bool
+        self_bias = None
+        if length is None:  # (1, 1, T, 1) additive: 0 up to `pos`, -inf after
+            self_bias = torch.where(self.positions <= pos, 0.0, float("-inf")).to(x.dtype)[None, None, :, None]
         b = self.batch
         for i, layer in enumerate(self.layers):
-            lin, (k_cache, v_cache) = self.linears[i], self.cache[i]  # (R, H, T, d)
+            lin, k_cache, v_cache = self.linears[i], cache[2 * i], cache[2 * i + 1]  # (R, H, T, d)
             h = layer.norm1(x)
             kv = lin["kv"](h).view(self.rows, 2, self.heads, -1)  # (R, 2, H, d)
             k_cache[:, :, pos] = kv[:, 0, :, None]  # an in-place write at `pos`, also when compiled
             v_cache[:, :, pos] = kv[:, 1, :, None]
-            if length is not None:
-                k_cache, v_cache = k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length)
             q = _split_heads(lin["q"](h), self.heads)
-            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=self_mask)
+            if length is None:
+                o = _attend(q, k_cache, v_cache, self_bias)
+            else:
+                o = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length))
             x = x + lin["out"](o.transpose(1, 2).reshape(self.rows, 1, -1))
             # Cross-attention of the conditional rows; null rows (guided) add their constant output.
             x_c = x[:b]
             q = _split_heads(lin["cq"](layer.norm2(x_c)), self.heads)
-            o = F.scaled_dot_product_attention(q, self.ctx_kv[i, 0], self.ctx_kv[i, 1], attn_mask=self.ctx_mask)
+            if length is None:
+                o = _attend(q, ctx_kv[i, 0], ctx_kv[i, 1], ctx_mask.transpose(-1, -2))  # (B, 1, L, 1)
+            else:
+                o = F.scaled_dot_product_attention(q, ctx_kv[i, 0], ctx_kv[i, 1], attn_mask=ctx_mask)
             x_c = x_c + lin["cout"](o.transpose(1, 2).reshape(b, 1, -1))
-            x = torch.cat([x_c, x[b:] + self.null_outs[i]]) if self.guided else x_c
+            x = torch.cat([x_c, x[b:] + null_outs[i]]) if self.guided else x_c
             x = x + lin["fc2"](F.gelu(lin["fc1"](layer.norm3(x)), approximate="tanh"))
         x = self.norm(x)[:, -1].float()  # (R, D)
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 logits, as in training
@@ -225,11 +253,12 @@ _DECODERS: dict[int, dict[tuple, Decoder]] = {}
 _compile_failure: str | None = None  # set by the first failure: later requests run eager without retrying
 _warned: set[str] = set()
 # Whether compile="auto" compiles on CPU (CUDA: always, where launch overhead bounds a step). Off: on the
-# `bench` preset (`benchmarks/bench_generator.py --compile`) the compiled step lost to eager from batch 4
-# (eager multiplies packed weights, the compiled step plain ones over the whole masked cache) and gained
-# less at batch 1 than its compilation costs per shape unless a process samples that shape many times;
-# with AVX2 only it did not gain at all. Figures in docs/benchmarks.md.
+# `bench` preset (`benchmarks/bench_generator.py --compile`) the compiled step, with frozen packed weights
+# and attention as fused reductions, samples 1.1-1.5x faster than eager at batch 1 and 1.03-1.1x at batch 4,
+# but compiling a shape takes 20-40 s on 2 cores: more than it saves unless a process samples that shape
+# dozens of times. `compile=True` (`parti sample --compile on`) opts in. Figures in docs/benchmarks.md.
 CPU_AUTO_COMPILE = False
+CPU_FREEZE = True  # compiled CPU steps multiply packed, frozen copies of the weights (see `_compile`)
 
 
 def _warn_once(message: str) -> None:
@@ -275,6 +304,16 @@ def use_compile(compile: bool | str, device: torch.device) -> bool:
     return compile is True or device.type == "cuda" or CPU_AUTO_COMPILE
 
 
+def weights_key(model: nn.Module) -> tuple:
+    """What changes when a module's weights do: each parameter's storage and in-place version (an
+    optimizer step, `load_state_dict`, `copy_`). Tensors made under inference mode keep no version:
+    their storage alone stands for them."""
+    key = []
+    for t in (*model.parameters(), *model.buffers()):
+        key.append((t.data_ptr(), None if t.is_inference() else t._version))
+    return tuple(key)
+
+
 def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
                 compile: bool | str = False) -> Decoder:
     """A Decoder for `batch` prompts of up to `context_len` text tokens: a fresh eager one (packed CPU
@@ -287,10 +326,14 @@ def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
     key = (batch, guided, length, p.dtype, p.device, model.head.weight.dtype)
     cached = _DECODERS.get(id(model), {})
     if key in cached:
-        return cached[key]
+        if cached[key].weights_key is None or cached[key].weights_key == weights_key(model):
+            return cached[key]
+        del cached[key]  # its frozen weights are out of date: compile anew
+        log.info("the generator's weights changed since its decoding step was compiled: compiling it again")
     decoder = Decoder(model, batch=batch, guided=guided, context_len=length, static=True, packed=False)
     try:
         decoder.compile_s = _compile(decoder, model.bos)
+        decoder.weights_key = weights_key(model) if decoder.pos.device.type == "cpu" and CPU_FREEZE else None
     except Exception as e:  # noqa: BLE001 - any compiler error: decode eager, as without a compiler
         global _compile_failure
         _compile_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -305,19 +348,26 @@ def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
 
 
 def _compile(decoder: Decoder, bos: int) -> float:
-    """Compile `decoder.forward` and run it until compiled (CUDA graphs record on the second or third
-    call); -> seconds taken. The warm-up steps leave the cache dirty: `start` clears it."""
+    """Compile `decoder.static_step` and run it until compiled (CUDA graphs record on the second or third
+    call); -> seconds taken. The warm-up steps leave the cache dirty: `start` clears it.
+
+    On CPU the weights are frozen into the compiled step (inductor's `freezing`): it multiplies copies
+    of them packed for MKL's GEMM at the step's row count, as eager's `PackedLinear` does. Those copies
+    are a snapshot: `decoder_for` compiles anew after the weights change (`weights_key`)."""
     cuda = decoder.pos.device.type == "cuda"
-    decoder.compiled = torch.compile(decoder.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
-                                     dynamic=False)
+    mode = "reduce-overhead" if cuda else None
+    decoder.compiled = torch.compile(decoder.static_step, mode=mode, fullgraph=True, dynamic=False)
     device = decoder.pos.device
     if cuda:  # CUDA graphs read and write these in place: their addresses must not change between replays
-        for t in (*decoder.buffers(), *(t for kv in decoder.cache for t in kv)):
+        for t in (*decoder.buffers(), decoder.pos, *decoder.state()[0], *decoder.state()[1:]):
             torch._dynamo.mark_static_address(t)
     token = torch.full((decoder.rows, 1), bos, dtype=torch.long, device=device)
+    import torch._inductor.config as inductor_config
+
     t0 = time.perf_counter()
-    for _ in range(3 if cuda else 1):
-        decoder.step(token, 0)
+    with torch.no_grad(), inductor_config.patch(freezing=not cuda and CPU_FREEZE):  # compiles on the first call
+        for _ in range(3 if cuda else 1):
+            decoder.step(token, 0)
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0

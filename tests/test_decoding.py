@@ -169,3 +169,36 @@ def test_compiled_decoding_gives_the_eager_codes(fresh_compile_state, scale, cap
     with torch.inference_mode():
         d = decoding.decoder_for(model, batch=3, guided=scale != 1.0, context_len=5, compile=True)
     assert d.compiled is not None and d.compile_s > 0
+
+
+def test_weights_key_changes_with_the_weights_only():
+    """The compiled CPU step freezes the weights; `weights_key` is what tells `decoder_for` to compile anew."""
+    model = tiny()
+    key = decoding.weights_key(model)
+    assert decoding.weights_key(model) == key  # reading, sampling: the same key
+    with torch.inference_mode():
+        sample(generate, model, *condition(model), GREEDY, 3.0)
+    assert decoding.weights_key(model) == key
+    with torch.no_grad():
+        model.head.weight.mul_(1.0)  # an in-place write, even of the same values
+    assert decoding.weights_key(model) != key
+    key = decoding.weights_key(model)
+    model.load_state_dict(tiny(seed=1).state_dict())
+    assert decoding.weights_key(model) != key
+
+
+@pytest.mark.slow
+def test_compiled_decoding_follows_changed_weights(fresh_compile_state, caplog):
+    """Frozen weights are a snapshot: after the weights change (training between two sampling calls),
+    the compiled step is built again and gives the new weights' codes, not the old ones."""
+    if decoding.compile_unavailable(torch.device("cpu")):
+        pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
+    model = tiny()
+    ctx, mask = condition(model)
+    before = sample(generate, model, ctx, mask, GREEDY, 3.0, compile=True)
+    model.load_state_dict(tiny(seed=1).state_dict())
+    with caplog.at_level(logging.INFO, logger="parti.decoding"):
+        after = sample(generate, model, ctx, mask, GREEDY, 3.0, compile=True)
+    assert any("weights changed" in r.getMessage() for r in caplog.records)
+    assert torch.equal(after, sample(generate, model, ctx, mask, GREEDY, 3.0))
+    assert not torch.equal(after, before)

@@ -255,3 +255,18 @@ def test_pipeline_compile_option(tiny_folders):
     with pytest.raises(PartiError, match="compile must be True, False or 'auto'"):
         parti.load_pipeline(tiny_folders / "gen", device="cpu", compile="yes")
     assert parti.load_pipeline(tiny_folders / "gen", device="cpu", compile=False).compile is False
+
+
+@pytest.mark.parametrize("flag, want", [([], "auto"), (["--compile", "on"], True), (["--compile", "off"], False)])
+def test_sample_cli_passes_compile_through(monkeypatch, tmp_path, flag, want):
+    from parti import pipeline
+    from parti.cli import main
+
+    seen = {}
+
+    def fake_load(path, **kw):
+        seen.update(kw)
+        raise PartiError("stop here")
+    monkeypatch.setattr(pipeline, "load_pipeline", fake_load)
+    assert main(["sample", "--checkpoint", "x", "--prompt", "a face", "--out", str(tmp_path / "a.png"), *flag]) != 0
+    assert seen["compile"] == want
