@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
+from parti.decoding import decoder_for
 from parti.generator import build_generator
 from parti.pipeline import as_sampling_dtype
 from parti.sampling import SamplingParams, generate
@@ -217,6 +218,12 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
             common.log(f"sampling {name}")
             for fn in ours_fns.values():
                 fn()  # warm-up (thread pools, allocator; the compiled variants compile here)
+            compile_s = {}  # compiled variants: seconds their first call spent compiling this shape
+            for k, (m, comp) in samplers.items():
+                if comp:
+                    with torch.inference_mode():
+                        compile_s[k] = decoder_for(m, batch=b, guided=scale != 1.0, context_len=TEXT_LEN,
+                                                   compile=True).compile_s
             if with_anchor:
                 # Anchor rounds are long: each runs beside ours and the probe; extra rounds are ours only.
                 s = common.alternate(fns, repeats=args.anchor_repeats, warmup=0, log=common.log)
@@ -253,6 +260,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
             for k in ours_fns:  # compiled against the same weights eager, paired per round
                 if k.endswith(", compiled"):
                     row["variants"][k]["ratio_eager_over_it"] = common.paired_ratio(s[k.removesuffix(", compiled")], s[k])
+                    row["variants"][k]["compile_s"] = compile_s.get(k)
             rows.append(row)
     return rows
 
@@ -357,12 +365,13 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
     if variants:
         print()
         print(common.table(["batch", "guidance", "sampler", "median", "img/s", "peak MiB", "of peak",
-                            "speed-up [IQR]", "eager / compiled [IQR]"],
+                            "speed-up [IQR]", "eager / compiled [IQR]", "compile s"],
                            [[str(r["batch"]), "on (3)" if r["guidance_scale"] != 1 else "off (1)", k,
                              common.fmt_s(v["median_s"]), f"{r['batch'] / v['median_s']:.2f}",
                              "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}",
                              f"{100 * v['share_of_peak']:.0f}%", common.fmt_ratio(v["ratio_anchor_over_it"]),
-                             common.fmt_ratio(v.get("ratio_eager_over_it"))]
+                             common.fmt_ratio(v.get("ratio_eager_over_it")),
+                             "-" if v.get("compile_s") is None else f"{v['compile_s']:.1f}"]
                             for r, k, v in variants],
                            title="Other samplers (same rounds; bf16 ones as a share of a bf16 matmul peak measured in them)"))
     if targets:
