@@ -13,9 +13,10 @@ Compiled (`decoder_for(..., compile=True)`): every step has the same shapes (att
 cache with positions after `pos` masked, `pos` a tensor), so `torch.compile` builds one graph and CUDA
 graphs (`mode="reduce-overhead"`) replay it. The state (cache, text keys/values) is passed in as inputs;
 attention at one query is written as reductions that inductor fuses into one loop. On CPU the weights are
-frozen into the graph as copies packed for MKL's GEMM (about 1.6x the weights' memory while the decoder
-lives); a change to the weights compiles it anew. The compiled decoder is cached per generator and shape
-for the process; compilation failures log one warning and decoding runs eager, which is also the reference.
+frozen into the graph as copies packed for MKL's GEMM (about 1.6x the weights' memory, which the process
+keeps); after the weights change the step is compiled once more, unfrozen (weights as inputs, following
+later changes). The compiled decoder is cached per generator and shape for the process; compilation
+failures log one warning and decoding runs eager, which is also the reference.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import types
 import weakref
 
 import torch
@@ -259,6 +261,7 @@ _warned: set[str] = set()
 # dozens of times. `compile=True` (`parti sample --compile on`) opts in. Figures in docs/benchmarks.md.
 CPU_AUTO_COMPILE = False
 CPU_FREEZE = True  # compiled CPU steps multiply packed, frozen copies of the weights (see `_compile`)
+_CHANGING: set[int] = set()  # ids of generators whose weights changed after a frozen compilation
 
 
 def _warn_once(message: str) -> None:
@@ -328,12 +331,18 @@ def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
     if key in cached:
         if cached[key].weights_key is None or cached[key].weights_key == weights_key(model):
             return cached[key]
-        del cached[key]  # its frozen weights are out of date: compile anew
-        log.info("the generator's weights changed since its decoding step was compiled: compiling it again")
+        # Its frozen weights are out of date: this generator is being trained. Compile once more with the
+        # weights as inputs (no freezing), which follows later changes without compiling again. (Each
+        # frozen compilation also keeps about one copy of the weights in memory for the process.)
+        del cached[key]
+        _CHANGING.add(id(model))
+        log.info("the generator's weights changed since its decoding step was compiled with them frozen: "
+                 "compiling it again with the weights as inputs")
+    freeze = p.device.type == "cpu" and CPU_FREEZE and id(model) not in _CHANGING
     decoder = Decoder(model, batch=batch, guided=guided, context_len=length, static=True, packed=False)
     try:
-        decoder.compile_s = _compile(decoder, model.bos)
-        decoder.weights_key = weights_key(model) if decoder.pos.device.type == "cpu" and CPU_FREEZE else None
+        decoder.compile_s = _compile(decoder, model.bos, freeze=freeze)
+        decoder.weights_key = weights_key(model) if freeze else None
     except Exception as e:  # noqa: BLE001 - any compiler error: decode eager, as without a compiler
         global _compile_failure
         _compile_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -341,22 +350,34 @@ def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
         return Decoder(model, batch=batch, guided=guided, context_len=context_len)
     if id(model) not in _DECODERS:
         weakref.finalize(model, _DECODERS.pop, id(model), None)
+        weakref.finalize(model, _CHANGING.discard, id(model))
     _DECODERS.setdefault(id(model), {})[key] = decoder
     log.info("compiled the decoding step for %d rows x %d text tokens (%s, %s) in %.1f s", decoder.rows, length,
              p.device.type, str(p.dtype).removeprefix("torch."), decoder.compile_s)
     return decoder
 
 
-def _compile(decoder: Decoder, bos: int) -> float:
+def _own_code(method):
+    """`method` (bound) as a function with a code object of its own. torch.compile keeps its compiled
+    graphs, their guards and (frozen) constants on the code object: with one code object for every
+    Decoder, each new decoder (a shape, new weights) would add an entry there that outlives it, until
+    dynamo's recompile limit (8) stops compilation for the process. Per decoder, they go with it."""
+    f = method.__func__
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    own.__kwdefaults__, own.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(own, method.__self__)
+
+
+def _compile(decoder: Decoder, bos: int, *, freeze: bool = False) -> float:
     """Compile `decoder.static_step` and run it until compiled (CUDA graphs record on the second or third
     call); -> seconds taken. The warm-up steps leave the cache dirty: `start` clears it.
 
-    On CPU the weights are frozen into the compiled step (inductor's `freezing`): it multiplies copies
-    of them packed for MKL's GEMM at the step's row count, as eager's `PackedLinear` does. Those copies
-    are a snapshot: `decoder_for` compiles anew after the weights change (`weights_key`)."""
+    freeze (CPU only): the weights are frozen into the compiled step (inductor's `freezing`): it multiplies
+    copies of them packed for MKL's GEMM at the step's row count, as eager's `PackedLinear` does. Those
+    copies are a snapshot: `decoder_for` checks `weights_key` and, after a change, compiles unfrozen."""
     cuda = decoder.pos.device.type == "cuda"
     mode = "reduce-overhead" if cuda else None
-    decoder.compiled = torch.compile(decoder.static_step, mode=mode, fullgraph=True, dynamic=False)
+    decoder.compiled = torch.compile(_own_code(decoder.static_step), mode=mode, fullgraph=True, dynamic=False)
     device = decoder.pos.device
     if cuda:  # CUDA graphs read and write these in place: their addresses must not change between replays
         for t in (*decoder.buffers(), decoder.pos, *decoder.state()[0], *decoder.state()[1:]):
@@ -365,7 +386,7 @@ def _compile(decoder: Decoder, bos: int) -> float:
     import torch._inductor.config as inductor_config
 
     t0 = time.perf_counter()
-    with torch.no_grad(), inductor_config.patch(freezing=not cuda and CPU_FREEZE):  # compiles on the first call
+    with torch.no_grad(), inductor_config.patch(freezing=freeze and not cuda):  # compiles on the first call
         for _ in range(3 if cuda else 1):
             decoder.step(token, 0)
     if cuda:
