@@ -358,10 +358,10 @@ def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
 
 
 def _own_code(method):
-    """`method` (bound) as a function with a code object of its own. torch.compile keeps its compiled
-    graphs, their guards and (frozen) constants on the code object: with one code object for every
-    Decoder, each new decoder (a shape, new weights) would add an entry there that outlives it, until
-    dynamo's recompile limit (8) stops compilation for the process. Per decoder, they go with it."""
+    """`method` (bound) as a function with a code object of its own. Dynamo keeps compiled graphs and
+    their guards on the code object: with one code object for every Decoder, each new decoder (a shape,
+    new weights) would add an entry there that outlives it, and the ninth would hit dynamo's recompile
+    limit (8), which stops compilation for the process. With one each, the limit is per decoder."""
     f = method.__func__
     own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     own.__kwdefaults__, own.__qualname__ = f.__kwdefaults__, f.__qualname__
