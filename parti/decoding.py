@@ -152,6 +152,7 @@ class Decoder(nn.Module):
         self.ctx_mask = torch.zeros(batch, 1, 1, context_len, **kw)  # additive
         self.null_outs = torch.zeros(c.depth, 1, 1, c.dim, **kw)
         self.pos = torch.zeros(1, dtype=torch.long, device=p.device)
+        self._state = (tuple(t for kv in self.cache for t in kv), self.ctx_kv, self.ctx_mask, self.null_outs)
         self.register_buffer("positions", torch.arange(c.seq_len, device=p.device), persistent=False)
         self.linears = []  # per layer: name -> callable (rows, t, D_in) -> (rows, t, D_out)
         for layer in model.layers:
@@ -161,7 +162,7 @@ class Decoder(nn.Module):
             self.linears.append({**{k: self._linear(m, self.rows, packed) for k, m in every.items()},
                                  **{k: self._linear(m, batch, packed) for k, m in cross.items()}})
         self.head_linear = self._linear(model.head, self.rows, packed)
-        self.compiled = None  # set by `decoder_for`: the compiled `forward`
+        self.compiled = None  # set by `decoder_for`: the compiled `static_step`
         self.compile_s: float | None = None  # seconds the first compiled steps took (compilation)
         self.weights_key: tuple | None = None  # with frozen weights: `weights_key(model)` when compiled
 
@@ -192,8 +193,8 @@ class Decoder(nn.Module):
     def state(self) -> tuple:
         """What a step reads beside the weights and writes: the KV cache (flat: k0, v0, k1, ...), the text's
         keys/values, its additive mask and the null rows' outputs. The compiled step takes them as inputs,
-        so that freezing (CPU) turns only the weights into constants."""
-        return (tuple(t for kv in self.cache for t in kv), self.ctx_kv, self.ctx_mask, self.null_outs)
+        so that freezing (CPU) turns only the weights into constants. The same tensors for every step."""
+        return self._state
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """token (rows, 1) long, the inputs at position `pos` (BOS first) -> fp32 logits (rows, K)."""
@@ -217,7 +218,7 @@ class Decoder(nn.Module):
         x = self.token_emb(token) + self.row_emb(self.row_of[pos]) + self.col_emb(self.col_of[pos])  # (R, 1, D)
         self_bias = None
         if length is None:  # (1, 1, T, 1) additive: 0 up to `pos`, -inf after
-            self_bias = torch.where(self.positions <= pos, 0.0, float("-inf")).to(x.dtype)[None, None, :, None]
+            self_bias = torch.where(self.positions <= pos, 0.0, float("-inf"))[None, None, :, None]
         b = self.batch
         for i, layer in enumerate(self.layers):
             lin, k_cache, v_cache = self.linears[i], cache[2 * i], cache[2 * i + 1]  # (R, H, T, d)
@@ -260,7 +261,6 @@ _warned: set[str] = set()
 # but compiling a shape takes 20-40 s on 2 cores: more than it saves unless a process samples that shape
 # dozens of times. `compile=True` (`parti sample --compile on`) opts in. Figures in docs/benchmarks.md.
 CPU_AUTO_COMPILE = False
-CPU_FREEZE = True  # compiled CPU steps multiply packed, frozen copies of the weights (see `_compile`)
 _CHANGING: set[int] = set()  # ids of generators whose weights changed after a frozen compilation
 
 
@@ -311,10 +311,8 @@ def weights_key(model: nn.Module) -> tuple:
     """What changes when a module's weights do: each parameter's storage and in-place version (an
     optimizer step, `load_state_dict`, `copy_`). Tensors made under inference mode keep no version:
     their storage alone stands for them."""
-    key = []
-    for t in (*model.parameters(), *model.buffers()):
-        key.append((t.data_ptr(), None if t.is_inference() else t._version))
-    return tuple(key)
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                 for t in (*model.parameters(), *model.buffers()))
 
 
 def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
@@ -338,7 +336,7 @@ def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
         _CHANGING.add(id(model))
         log.info("the generator's weights changed since its decoding step was compiled with them frozen: "
                  "compiling it again with the weights as inputs")
-    freeze = p.device.type == "cpu" and CPU_FREEZE and id(model) not in _CHANGING
+    freeze = p.device.type == "cpu" and id(model) not in _CHANGING  # CPU: packed, frozen weights (`_compile`)
     decoder = Decoder(model, batch=batch, guided=guided, context_len=length, static=True, packed=False)
     try:
         decoder.compile_s = _compile(decoder, model.bos, freeze=freeze)
@@ -380,7 +378,8 @@ def _compile(decoder: Decoder, bos: int, *, freeze: bool = False) -> float:
     decoder.compiled = torch.compile(_own_code(decoder.static_step), mode=mode, fullgraph=True, dynamic=False)
     device = decoder.pos.device
     if cuda:  # CUDA graphs read and write these in place: their addresses must not change between replays
-        for t in (*decoder.buffers(), decoder.pos, *decoder.state()[0], *decoder.state()[1:]):
+        cache, *rest = decoder.state()
+        for t in (*decoder.buffers(), decoder.pos, *cache, *rest):
             torch._dynamo.mark_static_address(t)
     token = torch.full((decoder.rows, 1), bos, dtype=torch.long, device=device)
     import torch._inductor.config as inductor_config
