@@ -220,3 +220,26 @@ def test_compiled_decoders_do_not_reach_the_recompile_limit(fresh_compile_state)
     with torch.inference_mode():
         decoders = [decoding.decoder_for(model, batch=b, guided=True, context_len=5, compile=True) for b in range(1, 11)]
     assert decoding._compile_failure is None and all(d.compiled is not None for d in decoders)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_step_compiles_once_with_its_settings(fresh_compile_state):
+    """The step is compiled in inference mode, as `generate` runs it: a decoder compiled under no_grad
+    alone (a caller of `decoder_for`) must not compile again on its first sampling call, which would
+    happen outside the frozen-weights / C++-wrapper settings."""
+    if decoding.compile_unavailable(torch.device("cpu")):
+        pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
+    from torch._dynamo.utils import counters
+
+    model = tiny()
+    ctx, mask = condition(model)
+    with torch.no_grad():
+        d = decoding.decoder_for(model, batch=3, guided=True, context_len=5, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert d.compiled is not None and graphs > 0
+    codes = sample(generate, model, ctx, mask, SAMPLED, 3.0, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs  # no second compilation
+    assert torch.equal(codes, sample(generate, model, ctx, mask, SAMPLED, 3.0))
+    # The values are cached (rows, H, d, T) behind a (rows, H, T, d) view: contiguous along positions.
+    k, v = d.cache[0]
+    assert k.is_contiguous() and v.stride(-2) == 1 and v.shape == k.shape
