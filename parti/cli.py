@@ -197,7 +197,7 @@ def _add_sample(sub) -> None:
                    help="generator weights while sampling (default auto: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="decode through the compiled step (default auto: on GPUs; on a CPU, 'on' pays 20-40 s of "
-                        "compilation per batch shape to sample up to 1.4x faster after)")
+                        "compilation per batch shape to sample up to 1.5x faster after)")
     p.add_argument("--out", default="images/samples.png", help="the grid's image file (default: images/samples.png)")
     p.set_defaults(func=cmd_sample)
 

@@ -265,10 +265,11 @@ _DECODERS: dict[int, dict[tuple, Decoder]] = {}
 _compile_failure: str | None = None  # set by the first failure: later requests run eager without retrying
 _warned: set[str] = set()
 # Whether compile="auto" compiles on CPU (CUDA: always, where launch overhead bounds a step). Off: on the
-# `bench` preset (`benchmarks/bench_generator.py --compile`) the compiled step, with frozen packed weights
-# and attention as fused reductions, samples 1.0-1.4x faster than eager at batch 1 and 0.9-1.1x at batch 4,
-# but compiling a shape takes 20-40 s on 2 cores: more than it saves unless a process samples that shape
-# dozens of times. `compile=True` (`parti sample --compile on`) opts in. Figures in docs/benchmarks.md.
+# `bench` preset (`benchmarks/bench_generator.py --compile`) the compiled step, with frozen packed weights,
+# attention as fused reductions and a C++ wrapper, samples 1.1-1.5x faster than eager at batch 1 and
+# 1.0-1.2x at batch 4, but compiling a shape takes 20-40 s on 2 cores: more than it saves unless a process
+# samples that shape dozens of times. `compile=True` (`parti sample --compile on`) opts in. Figures in
+# docs/benchmarks.md.
 CPU_AUTO_COMPILE = False
 _CHANGING: set[int] = set()  # ids of generators whose weights changed after a frozen compilation
 
