@@ -117,6 +117,31 @@ def null_cross_outputs(model: Generator) -> list[torch.Tensor]:
     return outs
 
 
+# From this many rows the compiled CPU step's self-attention reads only the filled part of the cache (SDPA
+# through `_filled_attention`, an op opaque to the compiler): 1.10x at 8 rows (batch 4 with guidance),
+# 0.81x at 2, where the fused loop over the whole cache wins (docs/benchmarks.md).
+FILLED_ATTENTION_ROWS = 8
+_FILLED_OP = []  # the op, registered on first use (so that importing parti registers nothing)
+
+
+def _filled_attention():
+    """`parti::filled_attention(q, k, v, pos)`: SDPA of q (R, H, 1, d) over the first pos + 1 positions of
+    the cache k, v (R, H, T, d). A custom op, so that a compiled step calls it with the cache's filled length
+    read at run time (`pos.item()`, which cannot be in a CUDA graph: CPU only)."""
+    if not _FILLED_OP:
+        @torch.library.custom_op("parti::filled_attention", mutates_args=())
+        def filled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            n = int(pos.item()) + 1
+            return F.scaled_dot_product_attention(q, k.narrow(2, 0, n), v.narrow(2, 0, n))
+
+        @filled_attention.register_fake
+        def _(q, k, v, pos):
+            return torch.empty_like(q)
+
+        _FILLED_OP.append(filled_attention)
+    return _FILLED_OP[0]
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row as elementwise products and sums: q (R, H, 1, d), k/v (R, H, T, d),
     bias additive, broadcastable to (R, H, T, 1) -> (R, H, 1, d). Softmax in fp32, as SDPA's kernel does."""
@@ -139,23 +164,28 @@ class Decoder(nn.Module):
         c = model.config
         self.batch, self.guided, self.static, self.heads = batch, guided, static, c.heads
         self.rows = 2 * batch if guided else batch
+        p = next(model.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
+        # static, CPU, many rows: self-attention over the filled cache only (`_filled_attention`).
+        self.filled = static and p.device.type == "cpu" and self.rows >= FILLED_ATTENTION_ROWS
+        if self.filled:
+            _filled_attention()  # registers torch.ops.parti.filled_attention
         # The generator's pieces (shared, not copied); not the Generator itself, so that a cached
         # Decoder does not keep its model alive.
         self.token_emb, self.row_emb, self.col_emb = model.token_emb, model.row_emb, model.col_emb
         self.layers, self.norm, self.head = model.layers, model.norm, model.head
         self.register_buffer("row_of", model.rows, persistent=False)
         self.register_buffer("col_of", model.cols, persistent=False)
-        p = next(model.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
         d, kw = c.dim // c.heads, {"dtype": p.dtype, "device": p.device}
         # The state a step reads and writes is held as plain tensors, not buffers: the compiled step takes it
         # as inputs (`state`), and freezing would turn a buffer it does not write into a constant.
         # One tensor per layer and k/v, written in place: a write into a view of one big tensor would make
         # the compiled step rebuild that whole tensor (functionalisation) at every layer.
-        # static: the values are stored (rows, H, d, T) and seen through a transposed view, so that the
-        # compiled step's sum over positions reads them contiguously (3-5% faster on CPU than (.., T, d)).
-        shape = (self.rows, c.heads, d, c.seq_len) if static else (self.rows, c.heads, c.seq_len, d)
+        # static (fused loop): the values are stored (rows, H, d, T) and seen through a transposed view, so that
+        # the compiled step's sum over positions reads them contiguously (3-5% faster on CPU than (.., T, d)).
+        along = static and not self.filled
+        shape = (self.rows, c.heads, d, c.seq_len) if along else (self.rows, c.heads, c.seq_len, d)
         self.cache = [(torch.zeros(self.rows, c.heads, c.seq_len, d, **kw),
-                       torch.zeros(shape, **kw).transpose(-1, -2) if static else torch.zeros(shape, **kw))
+                       torch.zeros(shape, **kw).transpose(-1, -2) if along else torch.zeros(shape, **kw))
                       for _ in range(c.depth)]  # depth x (k, v), each (rows, H, T, d)
         self.ctx_kv = torch.zeros(c.depth, 2, batch, c.heads, context_len, d, **kw)
         self.ctx_mask = torch.zeros(batch, 1, 1, context_len, **kw)  # additive
@@ -236,7 +266,9 @@ class Decoder(nn.Module):
             k_cache[:, :, pos] = kv[:, 0, :, None]  # an in-place write at `pos`, also when compiled
             v_cache[:, :, pos] = kv[:, 1, :, None]
             q = _split_heads(lin["q"](h), self.heads)
-            if length is None:
+            if length is None and self.filled:
+                o = torch.ops.parti.filled_attention(q, k_cache, v_cache, pos)
+            elif length is None:
                 o = _attend(q, k_cache, v_cache, self_bias)
             else:
                 o = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length))

@@ -135,11 +135,13 @@ def test_static_shape_step_matches_the_eager_step():
     """What gets compiled, run eager: attention over the whole cache with later positions masked, text
     padded to a multiple of 8, gives the codes of the narrowed eager step."""
     model = tiny()
-    ctx, mask = condition(model)
-    for scale in (1.0, 3.0):
+    # 3 and 6 rows attend by the fused loop over the whole cache; 8 (batch 4 with guidance) by the filled op.
+    for b, scale in ((3, 1.0), (3, 3.0), (4, 3.0)):
+        ctx, mask = condition(model, b=b)
         guided = scale != 1.0
-        static = decoding.Decoder(model, batch=3, guided=guided, context_len=8, static=True, packed=False)
-        eager = decoding.Decoder(model, batch=3, guided=guided, context_len=5)
+        static = decoding.Decoder(model, batch=b, guided=guided, context_len=8, static=True, packed=False)
+        eager = decoding.Decoder(model, batch=b, guided=guided, context_len=5)
+        assert static.filled == (static.rows >= decoding.FILLED_ATTENTION_ROWS) and static.filled == (b == 4)
         with torch.inference_mode():
             for d in (static, eager):
                 d.start(ctx, mask, model)
@@ -152,12 +154,12 @@ def test_static_shape_step_matches_the_eager_step():
 # ---- the compiled step (inductor builds C++ on the first call: tens of seconds on 2 cores) -----------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_compiled_decoding_gives_the_eager_codes(fresh_compile_state, scale, caplog):
+@pytest.mark.parametrize("b, scale", [(3, 1.0), (3, 3.0), (4, 3.0)])  # batch 4 guided: the filled-cache op
+def test_compiled_decoding_gives_the_eager_codes(fresh_compile_state, b, scale, caplog):
     if decoding.compile_unavailable(torch.device("cpu")):
         pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
     model = tiny()
-    ctx, mask = condition(model)
+    ctx, mask = condition(model, b=b)
     with caplog.at_level(logging.INFO, logger="parti.decoding"):
         for params in (GREEDY, SAMPLED):
             compiled = sample(generate, model, ctx, mask, params, scale, compile=True)
@@ -167,8 +169,8 @@ def test_compiled_decoding_gives_the_eager_codes(fresh_compile_state, scale, cap
     # Compiled once for this shape, its time logged and kept; later calls reuse it.
     assert sum("compiled the decoding step" in r.getMessage() for r in caplog.records) == 1
     with torch.inference_mode():
-        d = decoding.decoder_for(model, batch=3, guided=scale != 1.0, context_len=5, compile=True)
-    assert d.compiled is not None and d.compile_s > 0
+        d = decoding.decoder_for(model, batch=b, guided=scale != 1.0, context_len=5, compile=True)
+    assert d.compiled is not None and d.compile_s > 0 and d.filled == (b == 4)
 
 
 def test_weights_key_changes_with_the_weights_only():
