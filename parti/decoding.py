@@ -13,12 +13,13 @@ Compiled (`decoder_for(..., compile=True)`): every step has the same shapes (att
 cache with positions after `pos` masked, `pos` a tensor), so `torch.compile` builds one graph and CUDA
 graphs (`mode="reduce-overhead"`) replay it. The state (cache, text keys/values) is passed in as inputs;
 attention at one query is written as reductions that inductor fuses into one loop (the values cached
-(rows, H, d, T), contiguous along the sum). On CPU the weights are frozen into the graph as copies packed
-for MKL's GEMM (about 1.6x the weights' memory, which the process keeps) and the graph's kernels are
-called from C++ (inductor's `cpp_wrapper`); after the weights change the step is compiled once more,
-unfrozen (weights as inputs, following later changes). The compiled decoder is cached per generator and
-shape for the process; compilation failures log one warning and decoding runs eager, which is also the
-reference.
+(rows, H, d, T), contiguous along the sum); on CPU from 8 rows the self-attention is instead SDPA over the
+filled part of the cache, through a custom op (`_filled_attention`). On CPU the weights are frozen into
+the graph as copies packed for MKL's GEMM (about 1.6x the weights' memory, which the process keeps) and
+the graph's kernels are called from C++ (inductor's `cpp_wrapper`); after the weights change the step is
+compiled once more, unfrozen (weights as inputs, following later changes). The compiled decoder is cached
+per generator and shape for the process; compilation failures log one warning and decoding runs eager,
+which is also the reference.
 """
 
 from __future__ import annotations
