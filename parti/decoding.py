@@ -24,6 +24,7 @@ which is also the reference.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -122,25 +123,23 @@ def null_cross_outputs(model: Generator) -> list[torch.Tensor]:
 # through `_filled_attention`, an op opaque to the compiler): 1.10x at 8 rows (batch 4 with guidance),
 # 0.81x at 2, where the fused loop over the whole cache wins (docs/benchmarks.md).
 FILLED_ATTENTION_ROWS = 8
-_FILLED_OP = []  # the op, registered on first use (so that importing parti registers nothing)
 
 
+@functools.cache  # registered on first use, so that importing parti registers nothing
 def _filled_attention():
     """`parti::filled_attention(q, k, v, pos)`: SDPA of q (R, H, 1, d) over the first pos + 1 positions of
     the cache k, v (R, H, T, d). A custom op, so that a compiled step calls it with the cache's filled length
     read at run time (`pos.item()`, which cannot be in a CUDA graph: CPU only)."""
-    if not _FILLED_OP:
-        @torch.library.custom_op("parti::filled_attention", mutates_args=())
-        def filled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            n = int(pos.item()) + 1
-            return F.scaled_dot_product_attention(q, k.narrow(2, 0, n), v.narrow(2, 0, n))
+    @torch.library.custom_op("parti::filled_attention", mutates_args=())
+    def filled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        n = int(pos.item()) + 1
+        return F.scaled_dot_product_attention(q, k.narrow(2, 0, n), v.narrow(2, 0, n))
 
-        @filled_attention.register_fake
-        def _(q, k, v, pos):
-            return torch.empty_like(q)
+    @filled_attention.register_fake
+    def _(q, k, v, pos):
+        return torch.empty_like(q)
 
-        _FILLED_OP.append(filled_attention)
-    return _FILLED_OP[0]
+    return filled_attention
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -257,7 +256,7 @@ class Decoder(nn.Module):
         layer (SDPA's kernel at one query costs about 100 us a call on a CPU)."""
         x = self.token_emb(token) + self.row_emb(self.row_of[pos]) + self.col_emb(self.col_of[pos])  # (R, 1, D)
         self_bias = None
-        if length is None:  # (1, 1, T, 1) additive: 0 up to `pos`, -inf after
+        if length is None and not self.filled:  # (1, 1, T, 1) additive: 0 up to `pos`, -inf after
             self_bias = torch.where(self.positions <= pos, 0.0, float("-inf"))[None, None, :, None]
         b = self.batch
         for i, layer in enumerate(self.layers):
