@@ -9,7 +9,9 @@ tokens, 32 text tokens of width 768 given as precomputed embeddings (the same te
 
 Figures: the training step (batch 8: loss, backward, AdamW) and sampling all 256 tokens at batch 1, 4, 16
 with guidance (scale 3) and without (scale 1), each with its peak memory; our achieved FLOP/s as a share
-of an fp32 matmul peak measured in the same rounds; and a check for subnormal floats in the backward pass.
+of an fp32 matmul peak measured in the same rounds; the sampling step's linears alone in those rounds (the
+weights' read time at one or two rows: what bounds the speed-up over the anchor there); and a check for
+subnormal floats in the backward pass.
 Ours samples with top-k 819 (10% of the codes), as the anchor's generate() does (filter_thres=0.9).
 Beside our fp32 sampler (the comparison at the anchor's precision), the same weights in bf16 (`parti sample
 --dtype bf16`: bf16 weights and KV cache, fp32 logits) run in the same rounds; their FLOP/s share is of a
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
-from parti.decoding import decoder_for
+from parti.decoding import Decoder, decoder_for
 from parti.generator import build_generator
 from parti.pipeline import as_sampling_dtype
 from parti.sampling import SamplingParams, generate
@@ -183,6 +185,30 @@ def our_samplers(gen, bf16: bool, compiled: bool) -> dict:
     return samplers
 
 
+def linears_alone(gen, batch: int, guided: bool) -> tuple:
+    """The sampling step's linears alone, once per token (256 times): the decoder's own packed linears at
+    the rows each one runs (every row for self-attention, MLP and head; the conditional rows for
+    cross-attention), on fixed inputs. -> (fn, bytes of weights read a token). At one or two rows this is
+    the weights' read time: a floor under any fp32 sampler that reads them with these kernels, so the anchor's
+    time over it bounds the speed-up reachable in that round."""
+    c = gen.config
+    dec = Decoder(gen, batch=batch, guided=guided, context_len=TEXT_LEN, static=False, packed=True)
+    calls, nbytes = [], 0
+    for lin in [*dec.linears, {"head": dec.head_linear}]:
+        for name, f in lin.items():
+            m = f.linear
+            rows = batch if name in ("cq", "cout") else dec.rows
+            calls.append((f, torch.randn(rows, 1, m.in_features, generator=torch.Generator().manual_seed(rows))))
+            nbytes += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
+
+    def fn():
+        with torch.inference_mode():
+            for _ in range(c.seq_len):
+                for f, x in calls:
+                    f(x)
+    return fn, nbytes
+
+
 def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
     from anchor import anchor_sample_loop, set_anchor_text
 
@@ -204,7 +230,9 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
                                 compile=compile)
 
             ours_fns = {name: (lambda m=m, c=c: run(m, c)) for name, (m, c) in samplers.items()}
-            fns = {**ours_fns, "matmul": probe, **({"matmul bf16": probe16} if args.bf16 else {})}
+            lin_fn, lin_bytes = linears_alone(gen, b, guided=scale != 1.0)
+            fns = {**ours_fns, "linears alone": lin_fn, "matmul": probe,
+                   **({"matmul bf16": probe16} if args.bf16 else {})}
             with_anchor = anchor_model is not None and b in (
                 args.anchor_sample_batches if scale == 3.0 else args.anchor_scale1_batches)
             if with_anchor:
@@ -248,15 +276,22 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
                    "ours_gflops": flops / s["ours"].median / 1e9, "matmul_peak_gflops": statistics.median(peak) / 1e9,
                    "ours_share_of_peak": statistics.median(share("ours")),
                    "ours_share_of_peak_range": [min(share("ours")), max(share("ours"))]}
+            lin = s["linears alone"]
+            row["linears_alone"] = {**common.summary(lin), "weight_bytes_per_token": lin_bytes,
+                                    "read_gb_per_s": lin_bytes * c.seq_len / lin.median / 1e9,
+                                    "ratio_ours_over_it": common.paired_ratio(s["ours"], lin)}
             if with_anchor:
                 row["anchor"] = common.summary(s["anchor"])
                 row["ratio_anchor_over_ours"] = common.paired_ratio(s["anchor"], s["ours"])
+                row["linears_alone"]["ratio_anchor_over_it"] = common.paired_ratio(s["anchor"], lin)
                 row["anchor_call"] = "generate() (always scale 3)" if scale == 3 else "its loop at scale 1"
             if args.bf16:
                 row["matmul_peak_bf16_gflops"] = statistics.median(peak16) / 1e9
             row["variants"] = {k: {**common.summary(s[k]), "share_of_peak": statistics.median(share(k)),
                                   "ratio_anchor_over_it": common.paired_ratio(s["anchor"], s[k]) if with_anchor else None}
                               for k in ours_fns if k != "ours"}
+            for k in row["variants"]:
+                row["variants"][k]["ratio_over_linears_alone"] = common.paired_ratio(s[k], lin)
             for k in ours_fns:  # compiled against the same weights eager, paired per round
                 if k.endswith(", compiled"):
                     row["variants"][k]["ratio_eager_over_it"] = common.paired_ratio(s[k.removesuffix(", compiled")], s[k])
@@ -374,6 +409,18 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
                              "-" if v.get("compile_s") is None else f"{v['compile_s']:.1f}"]
                             for r, k, v in variants],
                            title="Other samplers (same rounds; bf16 ones as a share of a bf16 matmul peak measured in them)"))
+    if sample:
+        print()
+        print(common.table(
+            ["batch", "guidance", "linears alone", "MB a token", "read GB/s", "ours / it", "compiled / it",
+             "anchor / it [IQR]"],
+            [[str(r["batch"]), "on (3)" if r["guidance_scale"] != 1 else "off (1)",
+              common.fmt_s(r["linears_alone"]["median_s"]), f"{r['linears_alone']['weight_bytes_per_token'] / 1e6:.0f}",
+              f"{r['linears_alone']['read_gb_per_s']:.1f}", common.fmt_ratio(r["linears_alone"]["ratio_ours_over_it"]),
+              common.fmt_ratio(r.get("variants", {}).get("ours, compiled", {}).get("ratio_over_linears_alone")),
+              common.fmt_ratio(r["linears_alone"].get("ratio_anchor_over_it"))] for r in sample],
+            title="The step's linears alone, 256 times (the same packed kernels, same rounds): a floor under any "
+                  "fp32 sampler, so anchor / it bounds the speed-up reachable in these rounds"))
     if targets:
         print()
         print(common.table(["target", "measured", "needed", "met"],

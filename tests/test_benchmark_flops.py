@@ -72,3 +72,36 @@ def test_decode_parts_benchmark_times_the_linears_a_guided_step_runs(monkeypatch
         decoder.step(torch.full((2 * b, 1), gen.bos), 0)
     key = lambda pairs: sorted((id(m), rows) for m, rows in pairs)  # noqa: E731
     assert key(seen) == key(decode_linears(gen, b))
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_generator_benchmark_floor_runs_the_linears_a_step_runs(monkeypatch, guided):
+    """benchmarks/bench_generator.py's `linears_alone` (the floor the anchor's time is set against) runs,
+    for each token, exactly the decoder's linears at the row counts one decoding step of `generate` uses,
+    and counts the bytes of their weights."""
+    from bench_generator import linears_alone
+
+    torch.manual_seed(0)
+    gen = build_generator("tiny").eval()
+    b, T = 2, gen.config.seq_len
+    real = decoding.PackedLinear.__call__
+    seen = []
+
+    def spy(self, x):
+        seen.append((id(self.linear), x.reshape(-1, self.linear.in_features).shape[0]))
+        return real(self, x)
+
+    ctx, mask = gen.encode_condition(torch.randn(b, 4, gen.config.text_dim), torch.ones(b, 4, dtype=torch.bool))
+    fn, nbytes = linears_alone(gen, b, guided=guided)
+    monkeypatch.setattr(decoding.PackedLinear, "__call__", spy)
+    with torch.inference_mode():
+        decoder = decoding.Decoder(gen, batch=b, guided=guided, context_len=4)
+        decoder.start(ctx, mask, gen)
+        decoder.step(torch.full((decoder.rows, 1), gen.bos), 0)
+    step = sorted(seen)
+    seen.clear()
+    fn()
+    assert len(seen) == T * len(step)
+    assert sorted(seen[:len(step)]) == step
+    linears = [m for m in gen.modules() if isinstance(m, torch.nn.Linear) and id(m) in {i for i, _ in step}]
+    assert nbytes == sum(p.numel() * p.element_size() for m in linears for p in m.parameters())
