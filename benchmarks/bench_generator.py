@@ -426,6 +426,11 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
         print(common.table(["target", "measured", "needed", "met"],
                            [[t, f"{m:.2f}", f"{n:.2f}", {True: "yes", False: "NO", None: "-"}[ok]]
                             for t, m, n, ok in targets], title="Targets"))
+        ceilings = [f"b{r['batch']} {r['linears_alone']['ratio_anchor_over_it']['median']:.2f}x"
+                    for r in sample or [] if r["guidance_scale"] == 3.0 and "ratio_anchor_over_it" in r["linears_alone"]]
+        if ceilings:
+            print("ceiling of the sampling targets in these rounds (anchor / the step's linears alone): "
+                  + ", ".join(ceilings))
     return targets
 
 
