@@ -194,12 +194,10 @@ def linears_alone(gen, batch: int, guided: bool) -> tuple:
     c = gen.config
     dec = Decoder(gen, batch=batch, guided=guided, context_len=TEXT_LEN, static=False, packed=True)
     calls, nbytes = [], 0
-    for lin in [*dec.linears, {"head": dec.head_linear}]:
-        for name, f in lin.items():
-            m = f.linear
-            rows = batch if name in ("cq", "cout") else dec.rows
-            calls.append((f, torch.randn(rows, 1, m.in_features, generator=torch.Generator().manual_seed(rows))))
-            nbytes += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
+    for f in [f for lin in dec.linears for f in lin.values()] + [dec.head_linear]:
+        m = f.linear  # a PackedLinear: packed (or not) for the rows it runs, `f.rows`
+        calls.append((f, torch.randn(f.rows, 1, m.in_features, generator=torch.Generator().manual_seed(f.rows))))
+        nbytes += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
 
     def fn():
         with torch.inference_mode():
