@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
-from parti.decoding import Decoder, decoder_for
+from parti.compiled import decoder_for
+from parti.decoding import Decoder
 from parti.generator import build_generator
 from parti.pipeline import as_sampling_dtype
 from parti.sampling import SamplingParams, generate

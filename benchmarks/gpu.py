@@ -7,7 +7,7 @@
 
 Sampling: the `bench` generator (the CPU benchmarks' reference) with weights in the dtype
 `load_pipeline(dtype="auto")` picks (bf16 from compute capability 8.0), through
-`generate(..., compile=...)`: eager, then compiled (`parti.decoding`: static shapes, CUDA graphs via
+`generate(..., compile=...)`: eager, then compiled (`parti.compiled`: static shapes, CUDA graphs via
 mode="reduce-overhead"), alternated per round; the compilation time of each shape is reported.
 Training: bf16 autocast (fp32 master weights, fp32 logits, fused AdamW), SDPA restricted to fused kernels
 (FlashAttention, memory-efficient, cuDNN; no math fallback on CUDA); sampling lets SDPA choose. MFU = model FLOPs (analytic,
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: I001 - puts the repository on sys.path
-from parti import decoding
+from parti.compiled import decoder_for
 from parti.generator import build_generator
-from parti.pipeline import as_sampling_dtype, sampling_dtype
+from parti.pipeline import as_sampling_dtype
+from parti.device import sampling_dtype
 from parti.sampling import SamplingParams, generate
 
 TEXT_LEN = 32
@@ -123,8 +124,8 @@ def bench_sample(args, device, batch: int, sampler) -> dict:
     with torch.no_grad():
         ctx, ctx_mask = sampler.encode_condition(states, mask)
     with torch.inference_mode():  # compile now, outside the timed runs, and keep the time it took
-        decoder = decoding.decoder_for(sampler, batch=batch, guided=args.guidance != 1, context_len=TEXT_LEN,
-                                       compile=args.sample_compile)
+        decoder = decoder_for(sampler, batch=batch, guided=args.guidance != 1, context_len=TEXT_LEN,
+                              compile=args.sample_compile)
     fns = {}
     for name, compiled in (("eager", False), ("compiled", args.sample_compile)):
         def run(compiled=compiled):  # SDPA picks its kernels as it does for users

@@ -14,8 +14,10 @@ import time
 import warnings
 from typing import Any
 
+from parti.device import SAMPLING_DTYPES
 from parti.errors import PartiError
-from parti.pipeline import SAMPLING_DTYPES
+from parti.pipeline import load_pipeline
+from parti.plots import to_pil
 from parti.sampling import SamplingParams
 from parti.text import TruncationWarning
 
@@ -71,8 +73,6 @@ def generate_images(pipe, prompt_text: str, num_images: float, guidance_scale: f
                     top_k: str | float | None, top_p: str | float | None, seed: float | None
                     ) -> tuple[list[tuple[Any, str]], str]:
     """The Generate button without Gradio: -> ([(PIL image, caption), ...] prompt-major, status markdown)."""
-    from parti.plots import to_pil
-
     prompts, params, n, seed = parse_request(prompt_text, num_images, guidance_scale, temperature, top_k, top_p, seed)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # the text encoder says when it cut long prompts
@@ -135,7 +135,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import gradio  # noqa: F401  (checked before the checkpoint loads: the error comes at once)
     except ImportError:
         raise PartiError(INSTALL_HINT) from None
-    from parti.pipeline import load_pipeline
 
     pipe = load_pipeline(args.checkpoint, device=args.device, dtype=args.dtype)
     build_app(pipe).queue().launch(server_name=args.host, server_port=args.port, share=args.share)

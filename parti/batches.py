@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from parti.data import ignore_stop_signals
 from parti.errors import PartiError
 
 
@@ -34,7 +35,6 @@ def batch_stream(dataset, collate, *, batch_size: int, seed: int, epoch: int, st
     batches in page-locked memory, so `.to(device, non_blocking=True)` does not wait for the device."""
     from torch.utils.data import DataLoader
 
-    from parti.data import ignore_stop_signals
 
     while True:
         batches = epoch_batches(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world=world,

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from parti import data as data_mod
-from parti.checkpoint import _atomic_write, _fsync_dir, read_json, write_json
 from parti.device import default_device
 from parti.errors import PartiError
+from parti.files import atomic_write, fsync_dir, read_json, write_json
+from parti.synthetic import DEFAULT_LENGTH
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return _file_record(path)
 
 
 def _save_text(path: Path, text: str) -> dict[str, Any]:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return _file_record(path)
 
 
@@ -79,7 +80,7 @@ def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
-        _fsync_dir(out)
+        fsync_dir(out)
         for split in SPLITS:
             for pattern in (*(f"{kind}_*.*" for kind in SHARD_FILES), ".*.tmp"):  # old shards, killed writes
                 for stale in (out / split).glob(pattern):
@@ -102,7 +103,7 @@ def _check_encode_args(*, batch_size: int, shard_size: int, max_items: int | Non
 @torch.no_grad()
 def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_encoder=None,
                    splits: tuple[str, ...] = ("train", "val"), batch_size: int = 64, shard_size: int = 10000,
-                   device: str | torch.device | None = None, synthetic_length: int = 20000, seed: int = 0,
+                   device: str | torch.device | None = None, synthetic_length: int = DEFAULT_LENGTH, seed: int = 0,
                    holdout: bool = False, image_column: str | None = None, caption_column: str | None = None,
                    max_items: int | None = None, num_workers: int = 0, progress: bool = True) -> Path:
     """Encode `data` with the tokenizer folder `tokenizer` (and a frozen `text_encoder`) into `out`.

@@ -30,11 +30,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from parti.errors import PartiError
+from parti.files import atomic_write, fsync_dir, read_json, write_json
+from parti.validate import MAX_PARAM_BYTES, check_model_config
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"  # a generator folder's copy of its image tokenizer
+TEXT_ENCODER_DIR = "text_encoder"  # a generator folder's trained text encoder (absent with a frozen T5)
+SPM_NAME = "spm.model"  # a trained text encoder's SentencePiece model
+# Every file a generator (or tokenizer) folder loads from; the Hub download's allow-list and the upload's content.
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{TOKENIZER_DIR}/{CONFIG_NAME}", f"{TOKENIZER_DIR}/{WEIGHTS_NAME}",
+               f"{TEXT_ENCODER_DIR}/{CONFIG_NAME}", f"{TEXT_ENCODER_DIR}/{WEIGHTS_NAME}", f"{TEXT_ENCODER_DIR}/{SPM_NAME}")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # First bytes of pickle streams (protocol 2+) and of torch.save's zip archives: named in the error only.
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -64,8 +72,6 @@ def parti_home() -> Path:
 def config_from_dict(cls: type[T], data: dict[str, Any], *, what: str) -> T:
     """Build dataclass `cls` from `data`; unknown keys, wrong types and non-finite numbers are errors, never
     ignored. Model configs are also bounded field by field and by size (parti.validate)."""
-    from parti.validate import check_model_config
-
     if not isinstance(data, dict):
         raise PartiError(f"{what}: the config must be a JSON object, got {type(data).__name__} {data!r:.40}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -88,77 +94,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any], *, what: str) -> T:
         if isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
-    check_model_config(cls.__name__, kwargs, what=what)
+    check_model_config(cls, kwargs, what=what)
     return cls(**kwargs)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync, rename over `path`, fsync the folder.
-
-    A kill at any moment leaves either the old file or the new one, never a mix; a full disk (or any
-    write error) is a PartiError and the old file stays as it was.
-    """
-    tmp = None
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        # Inside the try: a read-only --out, one under a file or under /proc is the same one-line error.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power cut
-    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
-        _unlink_quietly(tmp)
-        lines = str(e).strip().splitlines()
-        reason = getattr(e, "strerror", None) or (lines[0] if lines else "") or type(e).__name__
-        raise PartiError(f"could not write {path}: {reason}; free disk space or choose another --out") from e
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(tmp: str | None) -> None:
-    if tmp is not None:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PartiError(f"{path} not found") from None
-    except OSError as e:  # unreadable (permissions), a folder, an I/O error
-        raise PartiError(f"could not read {path}: {e.strerror or e}; check the file and its permissions") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise PartiError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
-    if not isinstance(data, dict):
-        raise PartiError(f"{path} must hold a JSON object")
-    return data
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -170,7 +107,7 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
         save_file(flat, tmp, metadata=metadata)
         _check_length(Path(tmp))  # a short write (full disk) must never be renamed into place
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def _check_length(path: Path) -> None:
@@ -227,7 +164,7 @@ def _weights_metadata(folder: Path) -> dict[str, str] | None:
     try:
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
             return f.metadata() or {}
-    except Exception:  # missing, truncated, a pickle: load_state reports it with the right message
+    except Exception:  # missing, truncated, a pickle: the loader reports it with the right message
         return None
 
 
@@ -298,19 +235,6 @@ def save_model(folder: str | Path, kind: str, config: Any, model: torch.nn.Modul
     return folder
 
 
-def load_state(folder: str | Path, model: torch.nn.Module) -> None:
-    """Load folder/model.safetensors into `model` strictly; mismatches are a clear error.
-    Prefer `load_model_weights`, which checks the file before the model is built."""
-    path = Path(folder) / WEIGHTS_NAME
-    state = read_tensors(path)
-    _check_finite(state, path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise PartiError(f"{path} does not match its config.json ({first}); the folder is inconsistent") from None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loading weights that were checked before anything is allocated
 
@@ -324,8 +248,6 @@ def load_model_weights(folder: str | Path, build: Callable[[], torch.nn.Module],
     equal the state dict's. Then the tensors are read, must be finite, and must hash to `fingerprint`
     (the config's; None skips that check), so weights swapped under a config are refused.
     """
-    from parti.validate import MAX_PARAM_BYTES
-
     path = Path(folder) / WEIGHTS_NAME
     with torch.device("meta"):
         expected = {k: (tuple(v.shape), v.dtype) for k, v in build().state_dict().items()}
@@ -411,7 +333,7 @@ def atomic_export(folder: str | Path) -> Iterator[Path]:
         raise
     _fsync_tree(stage)
     os.replace(stage, folder / EXPORT_READY)  # the commit point
-    _fsync_dir(folder)
+    fsync_dir(folder)
     finish_export(folder)
 
 
@@ -429,7 +351,7 @@ def finish_export(folder: str | Path) -> None:
                 shutil.rmtree(old / name, ignore_errors=True)
                 os.replace(target, old / name)
             os.replace(ready / name, target)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         ready.rmdir()
     shutil.rmtree(old, ignore_errors=True)
 
@@ -440,8 +362,8 @@ def _fsync_tree(root: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root)
+            fsync_dir(path)
+    fsync_dir(root)
 
 
 def _refuse_torn_export(folder: Path) -> None:

@@ -11,7 +11,21 @@ import dataclasses
 import logging
 import sys
 
+from parti import app, push, text
+from parti.cache import encode_dataset
+from parti.demo import DemoConfig, run_demo
+from parti.device import default_device
+from parti.distributed import wait_for_every_rank
+from parti.errors import EveryRankError, PartiError
+from parti.evaluate import (GeneratorEvalConfig, TokenizerEvalConfig, evaluate_generator, evaluate_tokenizer, format_table, write_results)
+from parti.pipeline import load_pipeline
+from parti.plots import plot_run, sample_grid
+from parti.runs import check_image_output
+from parti.sampling import SamplingParams
 from parti.settings import base_type, field_info, field_types
+from parti.synthetic import DEFAULT_LENGTH
+from parti.train_generator import GeneratorTrainConfig, train_generator
+from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,26 +77,18 @@ def _main_process() -> bool:
 
 
 def cmd_train_tokenizer(args) -> None:
-    from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
-
     out = train_tokenizer(config_from_args(TokenizerTrainConfig, args))
     if _main_process():
         print(f"tokenizer saved in {out} (load with parti.load_tokenizer({str(out)!r}))")
 
 
 def cmd_train_generator(args) -> None:
-    from parti.train_generator import GeneratorTrainConfig, train_generator
-
     out = train_generator(config_from_args(GeneratorTrainConfig, args))
     if _main_process():
         print(f"generator saved in {out}; sample with: parti sample --checkpoint {out} --prompt \"...\"")
 
 
 def cmd_encode(args) -> None:
-    from parti import text
-    from parti.cache import encode_dataset
-    from parti.device import default_device
-
     device = default_device(args.device)  # a frozen T5 on the GPU when there is one
     encoder = None if args.text_encoder == "trainable" else text.load_t5(args.text_encoder, device=device)
     out = encode_dataset(data=args.data, tokenizer=args.tokenizer, out=args.out, text_encoder=encoder,
@@ -94,11 +100,6 @@ def cmd_encode(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from parti.pipeline import load_pipeline
-    from parti.plots import sample_grid
-    from parti.runs import check_image_output
-    from parti.sampling import SamplingParams
-
     if not args.prompt:
         raise_error("no prompts given; pass --prompt \"...\" (repeatable)")
     sampling = config_from_args(SamplingParams, args)
@@ -111,15 +112,11 @@ def cmd_sample(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from parti.plots import plot_run
-
     for path in plot_run(args.run_dir, out_dir=args.out):
         print(path)
 
 
 def cmd_demo(args) -> None:
-    from parti.demo import DemoConfig, run_demo
-
     summary = run_demo(config_from_args(DemoConfig, args))
     acc = summary["attribute_accuracy"]
     sec = summary["seconds"]
@@ -137,7 +134,6 @@ def cmd_demo(args) -> None:
 def cmd_evaluate_tokenizer(args) -> None:
     from pathlib import Path
 
-    from parti.evaluate import TokenizerEvalConfig, evaluate_tokenizer, format_table, write_results
 
     results = evaluate_tokenizer(config_from_args(TokenizerEvalConfig, args))
     out = write_results(args.out or Path(args.checkpoint) / "eval_tokenizer.json", results)
@@ -148,7 +144,6 @@ def cmd_evaluate_tokenizer(args) -> None:
 def cmd_evaluate(args) -> None:
     from pathlib import Path
 
-    from parti.evaluate import GeneratorEvalConfig, evaluate_generator, format_table, write_results
 
     results = evaluate_generator(config_from_args(GeneratorEvalConfig, args))
     out = write_results(args.out or Path(args.checkpoint) / "eval.json", results)
@@ -157,8 +152,6 @@ def cmd_evaluate(args) -> None:
 
 
 def raise_error(message: str) -> None:
-    from parti.errors import PartiError
-
     raise PartiError(message)
 
 
@@ -171,7 +164,7 @@ def _add_encode(sub) -> None:
                    help="trainable (cache captions only) or a frozen T5: t5-small|t5-base|t5-large|hub name|folder")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
-    p.add_argument("--synthetic-length", type=int, default=20000, help="synthetic faces in the training split")
+    p.add_argument("--synthetic-length", type=int, default=DEFAULT_LENGTH, help="synthetic faces in the training split")
     p.add_argument("--holdout", action="store_true",
                    help="synthetic: leave out the held-out (hair, background) pairs, as `parti train-generator "
                    "--holdout`")
@@ -183,8 +176,6 @@ def _add_encode(sub) -> None:
 
 
 def _add_sample(sub) -> None:
-    from parti.sampling import SamplingParams
-
     p = sub.add_parser("sample", help="generate a grid of images for prompts from a generator folder")
     p.add_argument("--checkpoint", required=True, help="generator run folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
@@ -203,12 +194,6 @@ def _add_sample(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from parti import app, hub
-    from parti.demo import DemoConfig
-    from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
-    from parti.train_generator import GeneratorTrainConfig
-    from parti.train_tokenizer import TokenizerTrainConfig
-
     parser = Parser(prog="parti", description="Parti text-to-image on faces.")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,14 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a training run folder")
     p.add_argument("--out", default=None, help="folder for the pictures (default RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
-    hub.add_push_parser(sub)
+    push.add_push_parser(sub)
     app.add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from parti.errors import EveryRankError, PartiError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -261,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"parti: error: {e}\n")
         sys.stderr.flush()
         if isinstance(e, EveryRankError):  # let every rank print it before the launcher stops the rest
-            from parti.distributed import wait_for_every_rank
 
             wait_for_every_rank()
         return 2

@@ -23,6 +23,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from parti.errors import PartiError
+from parti.hub import dataset_snapshot
+from parti.synthetic import DEFAULT_LENGTH, VAL_LENGTH, SyntheticFaces
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
@@ -32,7 +34,7 @@ VAL_SPLIT_NAMES = ("validation", "val", "valid", "test")
 # Caption columns looked for, in this order, when none is given: the captioned FFHQ's, then common names.
 CAPTION_COLUMNS = ("image_caption", "caption", "text", "captions", "prompt", "sentence")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "pixel_values")
-SYNTHETIC_LENGTHS = {"train": 10_000, "val": 1_000}
+SYNTHETIC_LENGTHS = {"train": DEFAULT_LENGTH, "val": VAL_LENGTH}
 
 
 class UnreadableImageWarning(UserWarning):
@@ -251,7 +253,7 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
     "hf:NAME" downloads the dataset's parquet shards once into the Hugging Face cache (their size said
     first; offline, the cache serves them) and reads them as a local copy in the hub layout would be read.
     Columns are found without flags (`find_columns`); `caption_column="none"` reads a table as images only.
-    For "synthetic", `synthetic_length=None` means 10,000 train / 1,000 val faces.
+    For "synthetic", `synthetic_length=None` means DEFAULT_LENGTH train / VAL_LENGTH val faces (parti.synthetic).
     """
     if split not in ("train", "val"):
         raise PartiError(f"unknown split {split!r}; use 'train' or 'val'")
@@ -268,8 +270,6 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
                              f"drop {'them' if len(given) > 1 else 'it'} or pass a table with --data")
         return _open_synthetic(synthetic_length, seed, holdout, common)
     if spec.startswith("hf:"):
-        from parti.hub import dataset_snapshot
-
         local = Path(spec[3:]).expanduser()  # hf:FOLDER reads a local copy in the hub layout
         folder = local if local.is_dir() else dataset_snapshot(spec[3:])
         tables = _load_tables("parquet", spec, data_files=_parquet_splits(folder, spec))
@@ -447,8 +447,6 @@ def _open_table(tables: Any, spec: str, image_column: str | None, caption_column
 
 
 def _open_synthetic(length: int | None, seed: int, holdout: bool, common: dict) -> ImageSource:
-    from parti.synthetic import SyntheticFaces
-
     split, size = common["split"], common["image_size"]
     faces = SyntheticFaces(size=size, length=SYNTHETIC_LENGTHS[split] if length is None else length, seed=seed,
                            split=split, holdout=holdout)
@@ -461,6 +459,29 @@ def _load_face(faces: Any, index: int) -> tuple[Image.Image, str, dict]:
 
 
 # ---- loading -----------------------------------------------------------------------------------
+
+def open_split(cfg: Any, split: str, image_size: int) -> ImageSource:
+    """Split `split` of a training config's data (`cfg` has the data fields of `parti.loop.TrainConfig`: data,
+    image_column, caption_column, synthetic_length, seed, holdout); the length applies to the train split."""
+    return open_source(cfg.data, split=split, image_size=image_size, image_column=cfg.image_column,
+                       caption_column=cfg.caption_column,
+                       synthetic_length=cfg.synthetic_length if split == "train" else None,
+                       seed=cfg.seed, holdout=cfg.holdout)
+
+
+def val_batch(source, n: int) -> torch.Tensor:
+    """The first n readable validation images, (n, 3, S, S): a fixed set for curves and grids."""
+    images = []
+    for i in range(min(len(source), 4 * n)):
+        item = source[i]
+        if item is not None:
+            images.append(item["image"])
+        if len(images) == n:
+            break
+    if not images:
+        raise PartiError("the validation split holds no readable images")
+    return torch.stack(images)
+
 
 def collate(batch: list[dict | None]) -> dict | None:
     """Drop unreadable items (None) and stack the rest: image (B, 3, S, S), index (B,), lists otherwise.

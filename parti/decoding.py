@@ -1,4 +1,5 @@
-"""The sampler's fast path: one cached decoding step of a `Generator`, eager or compiled.
+"""The sampler's fast path: one KV-cached decoding step of a `Generator` (the eager step, and the
+static-shape form of it that `parti.compiled` compiles).
 
 A `Decoder` is built from a generator for a fixed number of prompts (and text length). It holds what
 decoding needs beside the weights, so the model itself stays a plain teacher-forcing network:
@@ -9,45 +10,28 @@ decoding needs beside the weights, so the model itself stays a plain teacher-for
   - on CPU (eager), copies of the linear weights packed for the row count (`PackedLinear`).
 `Decoder.step(token, pos)` runs one token per row through the network: (rows, 1) -> logits (rows, K).
 
-Compiled (`decoder_for(..., compile=True)`): every step has the same shapes (attention over the whole
-cache with positions after `pos` masked, `pos` a tensor), so `torch.compile` builds one graph and CUDA
-graphs (`mode="reduce-overhead"`) replay it. The state (cache, text keys/values) is passed in as inputs;
-attention at one query is written as reductions that inductor fuses into one loop (the values cached
-(rows, H, d, T), contiguous along the sum); on CPU from 8 rows the self-attention is instead SDPA over the
-filled part of the cache, through a custom op (`_filled_attention`). On CPU the weights are frozen into
-the graph as copies packed for MKL's GEMM (about 1.6x the weights' memory, which the process keeps) and
-the graph's kernels are called from C++ (inductor's `cpp_wrapper`); after the weights change the step is
-compiled once more, unfrozen (weights as inputs, following later changes). The compiled decoder is cached
-per generator and shape for the process; compilation failures log one warning and decoding runs eager,
-which is also the reference.
+With `static=True` every step has the same shapes (attention over the whole cache with positions after
+`pos` masked, `pos` a tensor): attention at one query is written as reductions (`_attend`) that a compiler
+fuses into one loop (the values cached (rows, H, d, T), contiguous along the sum); on CPU from
+`FILLED_ATTENTION_ROWS` rows the self-attention is instead SDPA over the filled part of the cache
+(`filled_sdpa`). Run eager, the static step gives the eager step's logits; compiling it, the compiled
+decoders' caches and the choice between eager and compiled (`decoder_for`) are `parti.compiled`'s.
 """
 
 from __future__ import annotations
-
-import functools
-import logging
-import os
-import shutil
-import time
-import types
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parti.errors import PartiError
 from parti.generator import Generator
 
-log = logging.getLogger(__name__)
-
-# fp32 packs from 2 rows (batch 1 with guidance): there MKL's plain GEMM is 1.6x slower than its packed
-# one with AVX2 kernels, and packing (a copy of the weights per `generate` call) still gains 1.2x end to
-# end with AMX's. At 1 row both stream the weights equally fast, so the copy would not pay. bf16 packs at
-# any row count: there the packed product is the one that reads the weights at full bandwidth
-# (docs/benchmarks.md).
+# fp32 packs from 2 rows (batch 1 with guidance): there MKL's plain GEMM is slower than its packed one
+# with AVX2 kernels, and packing (a copy of the weights per `generate` call) still pays end to end with
+# AMX's. At 1 row both stream the weights equally fast, so the copy would not pay. bf16 packs at any row
+# count: there the packed product is the one that reads the weights at full bandwidth (see
+# docs/benchmarks.md, "Figures behind the code's design choices").
 MIN_PACKED_ROWS = 2
-COMPILE_CHOICES = (True, False, "auto")
 
 
 def mkl_packing_available() -> bool:
@@ -119,27 +103,18 @@ def null_cross_outputs(model: Generator) -> list[torch.Tensor]:
     return outs
 
 
-# From this many rows the compiled CPU step's self-attention reads only the filled part of the cache (SDPA
-# through `_filled_attention`, an op opaque to the compiler): 1.10x at 8 rows (batch 4 with guidance),
-# 0.81x at 2, where the fused loop over the whole cache wins (docs/benchmarks.md).
+# From this many rows the static CPU step's self-attention reads only the filled part of the cache
+# (`filled_sdpa`; compiled, through a custom op opaque to the compiler): faster than the fused loop over the
+# whole cache at 8 rows (batch 4 with guidance), slower at 2 (see docs/benchmarks.md, "Figures behind the
+# decoding step's design choices").
 FILLED_ATTENTION_ROWS = 8
 
 
-@functools.cache  # registered on first use, so that importing parti registers nothing
-def _filled_attention():
-    """`parti::filled_attention(q, k, v, pos)`: SDPA of q (R, H, 1, d) over the first pos + 1 positions of
-    the cache k, v (R, H, T, d). A custom op, so that a compiled step calls it with the cache's filled length
-    read at run time (`pos.item()`, which cannot be in a CUDA graph: CPU only)."""
-    @torch.library.custom_op("parti::filled_attention", mutates_args=())
-    def filled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        n = int(pos.item()) + 1
-        return F.scaled_dot_product_attention(q, k.narrow(2, 0, n), v.narrow(2, 0, n))
-
-    @filled_attention.register_fake
-    def _(q, k, v, pos):
-        return torch.empty_like(q)
-
-    return filled_attention
+def filled_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """SDPA of q (R, H, 1, d) over the first pos + 1 positions of the cache k, v (R, H, T, d), the filled
+    length read at run time (`pos.item()`). `parti.compiled` wraps it in a custom op for compiled steps."""
+    n = int(pos.item()) + 1
+    return F.scaled_dot_product_attention(q, k.narrow(2, 0, n), v.narrow(2, 0, n))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -165,10 +140,10 @@ class Decoder(nn.Module):
         self.batch, self.guided, self.static, self.heads = batch, guided, static, c.heads
         self.rows = 2 * batch if guided else batch
         p = next(model.layers.parameters())  # the blocks' dtype (the head may be kept fp32 for sampling)
-        # static, CPU, many rows: self-attention over the filled cache only (`_filled_attention`).
+        # static, CPU, many rows: self-attention over the filled cache only, through `filled_attention`
+        # (`filled_sdpa`; `parti.compiled` sets its custom op here before compiling).
         self.filled = static and p.device.type == "cpu" and self.rows >= FILLED_ATTENTION_ROWS
-        if self.filled:
-            _filled_attention()  # registers torch.ops.parti.filled_attention
+        self.filled_attention = filled_sdpa
         # The generator's pieces (shared, not copied); not the Generator itself, so that a cached
         # Decoder does not keep its model alive.
         self.token_emb, self.row_emb, self.col_emb = model.token_emb, model.row_emb, model.col_emb
@@ -181,7 +156,8 @@ class Decoder(nn.Module):
         # One tensor per layer and k/v, written in place: a write into a view of one big tensor would make
         # the compiled step rebuild that whole tensor (functionalisation) at every layer.
         # static (fused loop): the values are stored (rows, H, d, T) and seen through a transposed view, so that
-        # the compiled step's sum over positions reads them contiguously (3-5% faster on CPU than (.., T, d)).
+        # the compiled step's sum over positions reads them contiguously (faster on CPU than (.., T, d): see
+        # docs/benchmarks.md, "Figures behind the code's design choices").
         along = static and not self.filled
         shape = (self.rows, c.heads, d, c.seq_len) if along else (self.rows, c.heads, c.seq_len, d)
         self.cache = [(torch.zeros(self.rows, c.heads, c.seq_len, d, **kw),
@@ -201,9 +177,10 @@ class Decoder(nn.Module):
             self.linears.append({**{k: self._linear(m, self.rows, packed) for k, m in every.items()},
                                  **{k: self._linear(m, batch, packed) for k, m in cross.items()}})
         self.head_linear = self._linear(model.head, self.rows, packed)
-        self.compiled = None  # set by `decoder_for`: the compiled `static_step`
+        # Set by `parti.compiled` on the decoders it compiles; None on eager ones.
+        self.compiled = None  # the compiled `static_step`, which `step` then calls
         self.compile_s: float | None = None  # seconds the first compiled steps took (compilation)
-        self.weights_key: tuple | None = None  # with frozen weights: `weights_key(model)` when compiled
+        self.weights_key: tuple | None = None  # with frozen weights: the weights' key when compiled
 
     @staticmethod
     def _linear(m: nn.Linear, rows: int, packed: bool):
@@ -239,8 +216,6 @@ class Decoder(nn.Module):
         """token (rows, 1) long, the inputs at position `pos` (BOS first) -> fp32 logits (rows, K)."""
         self.pos.fill_(pos)  # one tensor for every step: the compiled graph reads `pos` from it
         if self.compiled is not None:
-            if self.pos.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
             return self.compiled(token, self.pos, *self.state())
         return self(token, self.pos, length=None if self.static else pos + 1)
 
@@ -253,7 +228,8 @@ class Decoder(nn.Module):
                     ctx_mask: torch.Tensor, null_outs: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """`forward` with the state passed in (what gets compiled, with length None). With length None,
         attention is written out as reductions over the cache, which the compiler fuses into one loop per
-        layer (SDPA's kernel at one query costs about 100 us a call on a CPU)."""
+        layer, cheaper than a call of SDPA's CPU kernel at one query (see docs/benchmarks.md, "Figures
+        behind the decoding step's design choices")."""
         x = self.token_emb(token) + self.row_emb(self.row_of[pos]) + self.col_emb(self.col_of[pos])  # (R, 1, D)
         self_bias = None
         if length is None and not self.filled:  # (1, 1, T, 1) additive: 0 up to `pos`, -inf after
@@ -267,7 +243,7 @@ class Decoder(nn.Module):
             v_cache[:, :, pos] = kv[:, 1, :, None]
             q = _split_heads(lin["q"](h), self.heads)
             if length is None and self.filled:
-                o = torch.ops.parti.filled_attention(q, k_cache, v_cache, pos)
+                o = self.filled_attention(q, k_cache, v_cache, pos)
             elif length is None:
                 o = _attend(q, k_cache, v_cache, self_bias)
             else:
@@ -288,153 +264,3 @@ class Decoder(nn.Module):
             if self.head.weight.dtype == torch.float32:
                 return self.head_linear(x)
             return F.linear(x, self.head.weight.float())
-
-
-# ---- the compiled step -----------------------------------------------------------------------------
-
-# Compiled decoders by id(generator), then by shape; an entry goes when its generator is collected.
-_DECODERS: dict[int, dict[tuple, Decoder]] = {}
-_compile_failure: str | None = None  # set by the first failure: later requests run eager without retrying
-_warned: set[str] = set()
-# Whether compile="auto" compiles on CPU (CUDA: always, where launch overhead bounds a step). Off: on the
-# `bench` preset (`benchmarks/bench_generator.py --compile`) the compiled step, with frozen packed weights,
-# attention as fused reductions and a C++ wrapper, samples 1.1-1.5x faster than eager at batch 1 and
-# 1.0-1.2x at batch 4, but compiling a shape takes 20-40 s on 2 cores: more than it saves unless a process
-# samples that shape dozens of times. `compile=True` (`parti sample --compile on`) opts in. Figures in
-# docs/benchmarks.md.
-CPU_AUTO_COMPILE = False
-_CHANGING: set[int] = set()  # ids of generators whose weights changed after a frozen compilation
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why torch.compile cannot build a decoding step for `device` here (None: it can)."""
-    try:
-        import torch._inductor  # noqa: F401
-    except ImportError as e:
-        return f"torch without inductor ({e})"
-    if device.type == "cpu":
-        if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
-            return "no C++ compiler on PATH (inductor compiles C++ for CPU)"
-    elif device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        if not has_triton():
-            return "triton is not installed (inductor needs it for CUDA)"
-    else:
-        return f"compiled decoding supports CPU and CUDA, not {device.type}"
-    return None
-
-
-def use_compile(compile: bool | str, device: torch.device) -> bool:
-    """Resolve a `compile` option (True, False or "auto") for `device`. True where compilation is not
-    available logs one warning and gives False (eager); "auto" compiles on CUDA, and on CPU where
-    CPU_AUTO_COMPILE says it measured faster."""
-    if not (compile is True or compile is False or compile == "auto"):
-        raise PartiError(f"compile must be True, False or 'auto', got {compile!r}")
-    if compile is False:
-        return False
-    if _compile_failure is not None:  # warned when it failed
-        return False
-    reason = compile_unavailable(device)
-    if reason is not None:
-        if compile is True:
-            _warn_once(f"compiled decoding unavailable, decoding eager: {reason}")
-        return False
-    return compile is True or device.type == "cuda" or CPU_AUTO_COMPILE
-
-
-def weights_key(model: nn.Module) -> tuple:
-    """What changes when a module's weights do: each parameter's storage and in-place version (an
-    optimizer step, `load_state_dict`, `copy_`). Tensors made under inference mode keep no version:
-    their storage alone stands for them."""
-    return tuple((t.data_ptr(), None if t.is_inference() else t._version)
-                 for t in (*model.parameters(), *model.buffers()))
-
-
-def decoder_for(model: Generator, *, batch: int, guided: bool, context_len: int,
-                compile: bool | str = False) -> Decoder:
-    """A Decoder for `batch` prompts of up to `context_len` text tokens: a fresh eager one (packed CPU
-    weights), or the process's compiled one for this generator and shape (compiled on first use;
-    `decoder.compile_s` holds the seconds that took)."""
-    p = next(model.layers.parameters())
-    if not use_compile(compile, p.device):
-        return Decoder(model, batch=batch, guided=guided, context_len=context_len)
-    length = -(-context_len // 8) * 8  # text lengths in steps of 8: fewer shapes, fewer compilations
-    key = (batch, guided, length, p.dtype, p.device, model.head.weight.dtype)
-    cached = _DECODERS.get(id(model), {})
-    if key in cached:
-        if cached[key].weights_key is None or cached[key].weights_key == weights_key(model):
-            return cached[key]
-        # Its frozen weights are out of date: this generator is being trained. Compile once more with the
-        # weights as inputs (no freezing), which follows later changes without compiling again. (Each
-        # frozen compilation also keeps about one copy of the weights in memory for the process.)
-        del cached[key]
-        _CHANGING.add(id(model))
-        log.info("the generator's weights changed since its decoding step was compiled with them frozen: "
-                 "compiling it again with the weights as inputs")
-    freeze = p.device.type == "cpu" and id(model) not in _CHANGING  # CPU: packed, frozen weights (`_compile`)
-    decoder = Decoder(model, batch=batch, guided=guided, context_len=length, static=True, packed=False)
-    try:
-        decoder.compile_s = _compile(decoder, model.bos, freeze=freeze)
-        decoder.weights_key = weights_key(model) if freeze else None
-    except Exception as e:  # noqa: BLE001 - any compiler error: decode eager, as without a compiler
-        global _compile_failure
-        _compile_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        _warn_once(f"compiling the decoding step failed, decoding eager from now on: {_compile_failure}")
-        return Decoder(model, batch=batch, guided=guided, context_len=context_len)
-    if id(model) not in _DECODERS:
-        weakref.finalize(model, _DECODERS.pop, id(model), None)
-        weakref.finalize(model, _CHANGING.discard, id(model))
-    _DECODERS.setdefault(id(model), {})[key] = decoder
-    log.info("compiled the decoding step for %d rows x %d text tokens (%s, %s) in %.1f s", decoder.rows, length,
-             p.device.type, str(p.dtype).removeprefix("torch."), decoder.compile_s)
-    return decoder
-
-
-def _own_code(method):
-    """`method` (bound) as a function with a code object of its own. Dynamo keeps compiled graphs and
-    their guards on the code object: with one code object for every Decoder, each new decoder (a shape,
-    new weights) would add an entry there that outlives it, and the ninth would hit dynamo's recompile
-    limit (8), which stops compilation for the process. With one each, the limit is per decoder."""
-    f = method.__func__
-    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    own.__kwdefaults__, own.__qualname__ = f.__kwdefaults__, f.__qualname__
-    return types.MethodType(own, method.__self__)
-
-
-def _compile(decoder: Decoder, bos: int, *, freeze: bool = False) -> float:
-    """Compile `decoder.static_step` and run it until compiled (CUDA graphs record on the second or third
-    call); -> seconds taken. The warm-up steps leave the cache dirty: `start` clears it.
-
-    freeze (CPU only): the weights are frozen into the compiled step (inductor's `freezing`): it multiplies
-    copies of them packed for MKL's GEMM at the step's row count, as eager's `PackedLinear` does. Those
-    copies are a snapshot: `decoder_for` checks `weights_key` and, after a change, compiles unfrozen."""
-    cuda = decoder.pos.device.type == "cuda"
-    mode = "reduce-overhead" if cuda else None
-    decoder.compiled = torch.compile(_own_code(decoder.static_step), mode=mode, fullgraph=True, dynamic=False)
-    device = decoder.pos.device
-    if cuda:  # CUDA graphs read and write these in place: their addresses must not change between replays
-        cache, *rest = decoder.state()
-        for t in (*decoder.buffers(), decoder.pos, *cache, *rest):
-            torch._dynamo.mark_static_address(t)
-    import torch._inductor.config as inductor_config
-
-    # CPU: cpp_wrapper makes the step's kernel calls from C++, not Python (about 10% of a step at 1-4 prompts).
-    # (Passed as torch.compile's options, `freezing` is ignored: hence a patch around the compiling call.)
-    patch = {} if cuda else {"freezing": freeze, "cpp_wrapper": True}
-    t0 = time.perf_counter()
-    # Compiles on the first call, in inference mode and with an inference-mode token, as `generate` runs it:
-    # otherwise the first step in `generate` fails a guard and compiles again, outside this patch.
-    with torch.inference_mode(), inductor_config.patch(**patch):
-        token = torch.full((decoder.rows, 1), bos, dtype=torch.long, device=device)
-        for _ in range(3 if cuda else 1):
-            decoder.step(token, 0)
-    if cuda:
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0

@@ -18,9 +18,19 @@ from pathlib import Path
 
 import torch
 
-from parti.checkpoint import write_json
+from parti.data import open_split, val_batch
 from parti.errors import PartiError
+from parti.evaluate import attribute_accuracy
+from parti.files import write_json
+from parti.pipeline import load_pipeline
+from parti.plots import reconstruction_grid, sample_grid
+from parti.prompts import DEMO_PROMPTS
+from parti.sampling import SamplingParams
 from parti.settings import check_settings, setting
+from parti.state import Checkpoints
+from parti.tokenizer import load_tokenizer
+from parti.train_generator import GeneratorTrainConfig, train_generator
+from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +77,6 @@ class DemoConfig:
 
 def stage_configs(cfg: DemoConfig, size: str) -> tuple:
     """The two training configs of a demo size: its overrides on the training configs' defaults."""
-    from parti.train_generator import GeneratorTrainConfig
-    from parti.train_tokenizer import TokenizerTrainConfig
-
     s, out = DEMO_SIZES[size], demo_folder(cfg)
     common = dict(data="synthetic", warmup_steps=50, synthetic_length=s["synthetic_length"], seed=cfg.seed,
                   progress=cfg.progress, holdout=cfg.holdout, num_workers=s["num_workers"], resume=True)
@@ -98,15 +105,6 @@ def _train_stage(run_dir: Path, config, train, before: float | None) -> float:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from parti.evaluate import attribute_accuracy
-    from parti.pipeline import load_pipeline
-    from parti.plots import reconstruction_grid, sample_grid
-    from parti.prompts import DEMO_PROMPTS
-    from parti.sampling import SamplingParams
-    from parti.tokenizer import load_tokenizer
-    from parti.train_generator import train_generator
-    from parti.train_tokenizer import open_split, train_tokenizer, val_batch
-
     size = cfg.size if cfg.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     name = "demo_holdout" if cfg.holdout else "demo"
     out, images = demo_folder(cfg), Path(cfg.images)
@@ -162,8 +160,6 @@ def _check_same_run(run_dir: Path, config) -> None:
 
 def _finished(run_dir: Path, steps: int) -> bool:
     """A stage whose exported model exists and whose newest checkpoint reached `steps` is skipped."""
-    from parti.state import Checkpoints
-
     done = Checkpoints(run_dir).complete()
     if not done or not (run_dir / "config.json").exists():
         return False

@@ -10,7 +10,9 @@ import logging
 
 import torch
 
+from parti.device import choose_mixed_precision
 from parti.errors import EveryRankError, PartiError
+from parti.metrics import code_usage
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,6 @@ def make_accelerator(mixed_precision: str = "auto", *, cpu: bool = False):
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
-        from parti.runs import choose_mixed_precision
-
         # By compute capability: a T4 claims bf16 support but only emulates it (slowly), so it gets fp16.
         mixed_precision = "no" if cpu else choose_mixed_precision()
     if mixed_precision not in ("no", "bf16", "fp16"):
@@ -103,8 +103,6 @@ def total_over_ranks(acc, value: float) -> float:
 def global_codebook_stats(acc, codes: torch.Tensor, size: int) -> dict[str, float]:
     """Share of the codebook used and perplexity of the global batch (code counts summed over ranks;
     averaging per-rank usage would understate it)."""
-    from parti.tokenizer import code_usage
-
     counts = torch.bincount(codes.flatten(), minlength=size).float()
     if acc.num_processes > 1:
         counts = acc.reduce(counts, reduction="sum")

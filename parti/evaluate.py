@@ -28,12 +28,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from parti import synthetic
-from parti.checkpoint import read_json, write_json
+from parti.data import collate, open_source
 from parti.device import default_device
 from parti.errors import PartiError
+from parti.files import read_json, write_json
+from parti.inception import load_fid_inception
+from parti.losses import LPIPS
+from parti.metrics import (clip_similarity, codebook_stats, fid_from_features, load_clip, perplexity_from_loss, psnr, ssim)
+from parti.pipeline import load_pipeline
 from parti.plots import to_uint8
+from parti.prompts import eval_prompts
 from parti.sampling import SamplingParams
 from parti.settings import check_settings, setting
+from parti.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +109,12 @@ class GeneratorEvalConfig(TokenizerEvalConfig):
 def _load_inception(inception: Any, *, allow_download: bool, device: torch.device):
     """A path (or None: cache, then download) -> the FID Inception; an already built extractor passes through."""
     if inception is None or isinstance(inception, (str, Path)):
-        from parti.inception import load_fid_inception
-
         return load_fid_inception(path=inception, allow_download=allow_download).to(device)
     return inception
 
 
 def _load_clip(clip: Any, *, allow_download: bool, device: torch.device) -> tuple[Any, Any]:
     """A hub name or local folder (None: ViT-B/32) -> (CLIPModel, tokenizer); a (model, tokenizer) passes through."""
-    from parti.metrics import load_clip
-
     if isinstance(clip, tuple):
         return clip
     name = str(clip or DEFAULT_CLIP)
@@ -127,15 +130,11 @@ def _load_clip(clip: Any, *, allow_download: bool, device: torch.device) -> tupl
 
 
 def _load_lpips(vgg_weights: str | None, *, allow_download: bool, device: torch.device):
-    from parti.losses import LPIPS
-
     return LPIPS.build(vgg_weights=vgg_weights, pretrained=True, allow_download=allow_download).to(device)
 
 
 def _val_batches(source, *, num_images: int, batch_size: int):
     """The first `num_images` items of a held-out split, in order, batched; unreadable items are dropped."""
-    from parti.data import collate
-
     n = min(num_images, len(source))
     loader = DataLoader(Subset(source, list(range(n))), batch_size=batch_size, collate_fn=collate)
     return (batch for batch in loader if batch is not None)
@@ -150,8 +149,6 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     distance and the non-zero eigenvalues of S1 S2 are unchanged, and the 2048 x 2048 matrix square root
     (about a minute on two CPU cores) becomes an (N1 + N2)-sized one.
     """
-    from parti.metrics import fid_from_features
-
     real, fake = real.double().cpu(), fake.double().cpu()
     if real.ndim == fake.ndim == 2 and real.shape[1] == fake.shape[1] and len(real) + len(fake) < real.shape[1]:
         basis, _ = torch.linalg.qr(torch.cat([real, fake]).T)  # (D, N1 + N2), orthonormal columns
@@ -180,10 +177,6 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig, *, inception: Any = None) -> di
 
     inception: a built feature extractor (tests) instead of `cfg.inception`'s weights.
     """
-    from parti.data import open_source
-    from parti.metrics import codebook_stats, psnr, ssim
-    from parti.tokenizer import load_tokenizer
-
     checkpoint, data, num_images, batch_size, seed = cfg.checkpoint, cfg.data, cfg.num_images, cfg.batch_size, cfg.seed
     allow_download, inception = cfg.download, inception or cfg.inception
     t0, dev = time.time(), default_device(cfg.device)
@@ -351,11 +344,6 @@ def evaluate_generator(cfg: GeneratorEvalConfig, *, prompts: Sequence[str] | Non
     (or `parti.prompts.eval_prompts(data)` when the data has none, or with `cfg.fixed_prompts`).
     inception/clip: built networks (tests) instead of `cfg.inception`/`cfg.clip`.
     """
-    from parti.data import open_source
-    from parti.metrics import perplexity_from_loss
-    from parti.pipeline import load_pipeline
-    from parti.prompts import eval_prompts
-
     if cfg.holdout and not cfg.data.startswith("synthetic"):
         raise PartiError("--holdout scores held-out combinations of the synthetic faces; use --data synthetic")
     t0 = time.time()
@@ -417,8 +405,6 @@ def _held_out_pass(pipe, source, cfg: GeneratorEvalConfig, inc) -> tuple[list, l
 def _generated_pass(pipe, rows: list[str], cfg: GeneratorEvalConfig, inc, clip_pair, real_feats,
                     errors: dict[str, str]) -> dict[str, Any]:
     """Generated images for FID and CLIP, a batch at a time: only features and similarities are kept."""
-    from parti.metrics import clip_similarity
-
     if inc is None and clip_pair is None:
         return {"num_generated": 0}
     fake_feats, sims, out = [], [], {"num_generated": len(rows)}

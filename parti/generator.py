@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 from parti.checkpoint import check_folder, config_from_dict, load_model_weights, save_model
 from parti.errors import PartiError
 from parti.layers import MLP, Attention, Block, init_weights
+from parti.validate import block_params, check_model_config, divides, values_of
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,27 @@ class GeneratorConfig:
     cond_drop_prob: float = 0.1  # classifier-free guidance: share of rows trained with the null context
     dropout: float = 0.0
 
+
+    # field -> (low, high) inclusive; a float range given as (low, high, "open") excludes `high` (parti.validate).
+    BOUNDS: ClassVar[dict[str, tuple]] = {
+        "num_codes": (2, 65536), "grid_size": (1, 256), "dim": (1, 16384), "depth": (1, 256), "heads": (1, 256),
+        "mlp_ratio": (0.0, 64.0), "text_dim": (1, 16384), "text_layers": (0, 256),
+        "cond_drop_prob": (0.0, 1.0, "open"), "dropout": (0.0, 1.0, "open"),
+    }
+
     def __post_init__(self):
-        if self.dim % self.heads:
-            raise PartiError(f"generator dim {self.dim} must be divisible by heads {self.heads}")
-        if not 0.0 <= self.cond_drop_prob < 1.0:
-            raise PartiError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        check_model_config(type(self), dataclasses.asdict(self), what="generator config")
+
+    @staticmethod
+    def relations(v: dict[str, Any], *, what: str) -> int:
+        """Check the fields' relations in `v` (defaults where missing); return the estimated parameter count."""
+        dim, heads, grid, codes, ratio, depth, text_layers, text_dim = values_of(
+            v, GeneratorConfig, "dim", "heads", "grid_size", "num_codes", "mlp_ratio", "depth", "text_layers",
+            "text_dim")
+        divides(what, "heads", heads, "dim", dim)
+        layer = block_params(dim, ratio) + 4 * dim * dim  # + cross-attention
+        return (depth * layer + text_layers * block_params(dim, ratio) + 2 * codes * dim + 2 * grid * dim
+                + text_dim * dim)
 
     @property
     def seq_len(self) -> int:
@@ -133,7 +150,7 @@ class Generator(nn.Module):
     # ---- the network ---------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. codes (B, t<=T) long -> logits (B, t, num_codes) fp32, where
-        logits[:, i] depends on codes[:, :i] only. Cached decoding lives in `parti.decoding`."""
+        logits[:, i] depends on codes[:, :i] only. Cached decoding: `parti.decoding` (eager), `parti.compiled`."""
         t = codes.shape[1]
         inputs = torch.cat([torch.full_like(codes[:, :1], self.bos), codes[:, :-1]], dim=1)
         x = self.token_emb(inputs) + self.row_emb(self.rows[:t]) + self.col_emb(self.cols[:t])
@@ -144,10 +161,6 @@ class Generator(nn.Module):
         # Logits in fp32 even under autocast: softmax over 8192 codes is sensitive to bf16 rounding.
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.head.weight.float())
-
-    def num_parameters(self) -> dict[str, int]:
-        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-                "frozen": sum(p.numel() for p in self.parameters() if not p.requires_grad)}
 
 
 def build_generator(preset: str | GeneratorConfig = "ffhq", **overrides: Any) -> Generator:

@@ -30,14 +30,23 @@ import torch
 from tqdm.auto import tqdm
 
 from parti.batches import batch_stream
+from parti.checkpoint import finish_export
 from parti.distributed import make_accelerator, on_main, total_over_ranks
 from parti.errors import PartiError
 from parti.optim import NonFiniteGuard, lr_at, set_lr
-from parti.checkpoint import finish_export
 from parti.runs import MetricsLogger, RunFolder, RunLock, check_output_not_inside, claim_run_folder
 from parti.settings import check_settings, setting
-from parti.state import (Checkpoints, capture_rng, check_continuation, check_resumable, remove_temporaries, restore_rng,
-                         rng_untouched, seed_everything)
+from parti.state import (
+    Checkpoints,
+    capture_rng,
+    check_continuation,
+    check_resumable,
+    remove_temporaries,
+    restore_rng,
+    rng_untouched,
+    seed_everything,
+)
+from parti.synthetic import DEFAULT_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ class TrainConfig:
                                    choices=PRECISIONS)
     cpu: bool = setting(False, "train on the CPU even when a GPU is present")
     num_workers: int = setting(0, "data loader processes", minimum=0, maximum=256)
-    synthetic_length: int = setting(20000, "synthetic faces in the training split", minimum=0, maximum=10**9)
+    synthetic_length: int = setting(DEFAULT_LENGTH, "synthetic faces in the training split", minimum=1, maximum=10**9)
     holdout: bool = setting(False, "synthetic: leave the (hair, background) pairs of HOLDOUT_COMBINATIONS out")
     image_column: str | None = setting(None, "table data: the image column (default: found from the data)")
     caption_column: str | None = setting(None, "table data: the caption column (default: found from the data)")

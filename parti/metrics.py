@@ -6,7 +6,8 @@
 - distribution: `feature_statistics` + `frechet_distance` (pytorch-fid's formula and numerics), with any
   `FeatureExtractor` (the FID Inception lives in `parti.inception`);
 - text alignment: `clip_score` (100 * cos(image, text) clipped at 0, averaged);
-- tokenizer and generator health: `codebook_stats`, `perplexity_from_loss`.
+- tokenizer and generator health: `code_usage` (from a histogram, on its device), `usage_from_counts`,
+  `codebook_stats` (from codes), `perplexity_from_loss`.
 
 Images are float tensors in [-1, 1], shape (B, 3, H, W); metrics that need [0, 1] map them here.
 """
@@ -26,6 +27,7 @@ from scipy import linalg
 from torch import Tensor
 
 from parti.errors import PartiError
+from parti.hub import is_local_path
 
 # The normalisation every OpenAI CLIP checkpoint was trained with (RGB, on [0, 1] pixels).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -154,10 +156,6 @@ def fid_from_features(features1: Tensor | np.ndarray, features2: Tensor | np.nda
 # CLIP score
 
 
-def _looks_local(name_or_path: str) -> bool:
-    return name_or_path.startswith((".", "/", "~", "\\")) or Path(name_or_path).expanduser().exists()
-
-
 def load_clip(name_or_path: str = "openai/clip-vit-base-patch32", *, device: str | torch.device) -> tuple[Any, Any]:
     """-> (CLIPModel in eval mode on `device`, its CLIPTokenizer). Explicit: nothing loads CLIP implicitly.
 
@@ -168,9 +166,9 @@ def load_clip(name_or_path: str = "openai/clip-vit-base-patch32", *, device: str
 
     advice = ("download it once where you have a network (CLIPModel/CLIPTokenizer .from_pretrained then "
               ".save_pretrained into one folder) and pass that folder with --clip PATH")
-    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+    if is_local_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise PartiError(f"CLIP folder {name_or_path} does not exist; {advice}")
-    source = str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
+    source = str(Path(name_or_path).expanduser()) if is_local_path(name_or_path) else name_or_path
     try:
         model = CLIPModel.from_pretrained(source)
         tokenizer = CLIPTokenizer.from_pretrained(source)
@@ -239,6 +237,26 @@ def clip_score(images: Tensor, texts: Sequence[str], *, model, processor) -> flo
 # Tokenizer and generator health
 
 
+def code_usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A code histogram (K,) -> (share of the K codes used, perplexity: exp of the histogram's entropy in nats,
+    K when uniform, 1 when collapsed), as 0-d float tensors on the histogram's device (no host read)."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp_min(1)
+    return (counts > 0).double().mean().float(), torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).float()
+
+
+def usage_from_counts(counts: Tensor | np.ndarray) -> dict[str, float]:
+    """A code histogram (K,) -> {"used": codes with count > 0, "size": K, "share": used/K, "perplexity"}."""
+    c = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0:
+        raise PartiError(f"codebook counts must be a non-empty (K,) vector, got shape {c.shape}")
+    if (c < 0).any() or not np.isfinite(c).all():
+        raise PartiError("codebook counts must be finite and non-negative")
+    share, perplexity = code_usage(torch.from_numpy(c))
+    return {"used": int((c > 0).sum()), "size": int(c.size), "share": float(share),
+            "perplexity": float(perplexity) if c.sum() > 0 else 0.0}
+
+
 def codebook_stats(codes: Tensor, num_codes: int) -> dict[str, Any]:
     """Code usage over any-shaped integer `codes` in [0, num_codes).
 
@@ -253,8 +271,6 @@ def codebook_stats(codes: Tensor, num_codes: int) -> dict[str, Any]:
     if flat.min() < 0 or flat.max() >= num_codes:
         raise PartiError(f"codes must lie in [0, {num_codes}), got range [{int(flat.min())}, {int(flat.max())}]; "
                          f"check num_codes matches the tokenizer's codebook size")
-    from parti.tokenizer import code_usage
-
     counts = torch.bincount(flat, minlength=num_codes)
     usage, perplexity = code_usage(counts)
     return {"usage": float(usage), "perplexity": float(perplexity), "counts": counts}

@@ -17,8 +17,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from parti.data import find_columns, open_source, to_tensor
+from parti.device import choose_mixed_precision, detect_device
 from parti.errors import PartiError
 from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
+from parti.fetch import FFHQ_MIRROR, fetch_ffhq_thumbnails
+from parti.hub import dataset_snapshot
+from parti.plots import sample_grid
+from parti.prompts import FFHQ_SAMPLE_PROMPTS, SYNTHETIC_SAMPLE_PROMPTS
 from parti.train_generator import GeneratorTrainConfig
 from parti.train_tokenizer import TokenizerTrainConfig
 
@@ -112,8 +118,6 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
     is ignored with a warning). Small mode ($PARTI_NOTEBOOK_SMALL=1) shrinks every size (SMALL) and writes
     under $PARTI_NOTEBOOK_OUT. Mixed precision "auto" is resolved here, so the cell prints what runs.
     """
-    from parti.runs import choose_mixed_precision
-
     kind = choose_dataset(dataset)
     chosen = DATASETS[kind]
     given = {"data": common.pop("data")} if "data" in common else {}  # data named for both stages wins
@@ -163,9 +167,6 @@ def fetch_data(run: NotebookRun, *, source: str | None = None) -> None:
     (a zip or folder, e.g. on Drive), else the zip kept on Drive by an earlier runtime, else the Hub mirror (then
     a copy is kept on Drive when it is mounted); and the captioned shards into the Hub cache (their size said
     first) unless the generator's code cache is made already. The synthetic faces: nothing."""
-    from parti.fetch import FFHQ_MIRROR, fetch_ffhq_thumbnails
-    from parti.hub import dataset_snapshot
-
     if run.dataset != "ffhq":
         return
     kept = run.drive / FFHQ_MIRROR["filename"] if run.drive is not None else None
@@ -203,7 +204,6 @@ def describe_environment() -> str:
     """Where this kernel runs: Colab or not, small mode or not, torch version, the device."""
     import torch
 
-    from parti.runs import detect_device
 
     device = detect_device()
     where = "Colab" if in_colab() else "local Jupyter"
@@ -224,8 +224,6 @@ def preview_data(spec: str, *, n: int = 4, image_size: int = 128, synthetic_leng
     whole for a look."""
     import torch
 
-    from parti.data import open_source, to_tensor
-    from parti.plots import sample_grid
 
     if spec.startswith("hf:") and not _in_hub_cache(spec[3:]):
         rows = _first_rows(spec[3:], 4 * n)
@@ -259,7 +257,6 @@ def _first_rows(repo_id: str, n: int) -> list:
     from huggingface_hub import HfFileSystem
     from PIL import Image
 
-    from parti.data import find_columns
 
     fs = HfFileSystem()
     try:
@@ -283,8 +280,6 @@ def _first_rows(repo_id: str, n: int) -> list:
 
 def example_prompts(run: NotebookRun) -> tuple[str, ...]:
     """Prompts for the generate cell in the style of the run's captions."""
-    from parti.prompts import FFHQ_SAMPLE_PROMPTS, SYNTHETIC_SAMPLE_PROMPTS
-
     return FFHQ_SAMPLE_PROMPTS[:2] if run.dataset == "ffhq" else SYNTHETIC_SAMPLE_PROMPTS[2:4]
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from parti.decoding import use_compile
-from parti.device import default_device
+from parti import text
+from parti.compiled import use_compile
+from parti.device import default_device, sampling_dtype
 from parti.errors import PartiError
 from parti.generator import Generator, load_generator
-from parti.hub import resolve_checkpoint
+from parti.hub import is_local_path, resolve_checkpoint
 from parti.sampling import SamplingParams, generate
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
@@ -96,8 +97,6 @@ def load_text_encoder_for(folder: Path, data: dict, *, device, text_encoder_path
     """The text encoder a generator folder's config.json (`data`) records: its own text_encoder/ folder when
     trained jointly; a frozen T5 from `text_encoder_path`, else from where training loaded it (a hub name or a
     local folder), else by its hub name. A frozen T5 must have the fingerprint the generator was trained with."""
-    from parti import text
-
     record = data.get("text_encoder") or {}
     if text_encoder_path is not None and not Path(text_encoder_path).expanduser().is_dir():
         raise PartiError(f"--text-encoder-path {text_encoder_path} does not exist; give the folder of the T5 the "
@@ -113,38 +112,15 @@ def load_text_encoder_for(folder: Path, data: dict, *, device, text_encoder_path
                              f"({made} != {record.get('fingerprint')}); use the run's own text_encoder/ folder")
         return encoder
     source = data.get("text_encoder_source") or record.get("source")
-    if text_encoder_path is None and source and _is_path(source) and not Path(source).expanduser().is_dir():
+    if text_encoder_path is None and source and is_local_path(source) and not Path(source).expanduser().is_dir():
         raise PartiError(f"{folder} was trained with the T5 in folder {source}, which is not here; pass "
                          f"--text-encoder-path (text_encoder_path=) with that T5's folder")
     name = text_encoder_path or source or record.get("name")
-    encoder = text.load_t5(name, max_length=record.get("max_length", 128), device=device)
+    encoder = text.load_t5(name, max_length=record.get("max_length", text.MAX_TEXT_TOKENS), device=device)
     if encoder.identity().get("fingerprint") != record.get("fingerprint"):
         raise PartiError(f"T5 {name!r} is not the one the generator was trained with (its fingerprint differs); "
                          f"pass --text-encoder-path with the original's folder")
     return encoder
-
-
-def _is_path(name: str) -> bool:
-    """A T5 given as a folder rather than a hub name (the forms `parti.text.load_t5` reads as paths)."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().is_dir()
-
-
-SAMPLING_DTYPES = ("auto", "fp32", "bf16")
-
-
-def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on CUDA devices of compute
-    capability 8.0 or more (Ampere on), else fp32: the rule of `parti.runs.choose_mixed_precision`, which
-    goes by capability because torch reports bf16 as supported on a T4 (7.5), where it is emulated and
-    slow. Where training would use fp16, sampling keeps fp32: fp16 logits and cache risk overflow.
-    bf16 halves the bytes each decoding step reads (weights and cache), which bound sampling at small
-    batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
-    if name not in SAMPLING_DTYPES:
-        raise PartiError(f"dtype must be one of {', '.join(SAMPLING_DTYPES)}; got {name!r}")
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 def as_sampling_dtype(generator: Generator, dtype: torch.dtype) -> Generator:

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from parti.checkpoint import _atomic_write
+from parti.checkpoint import read_tensors
 from parti.errors import PartiError
+from parti.files import atomic_write, read_json
+from parti.metrics import usage_from_counts
 from parti.runs import METRICS_NAME, SAMPLES_DIR, read_metrics, save_image
 
 FILL = 255  # white padding between tiles
@@ -235,7 +237,7 @@ def _new_figure(*, width: float, height: float) -> Any:
 
 def _save_figure(fig: Any, path: str | Path | None) -> None:
     if path is not None:
-        _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _is_number(value: Any) -> bool:
@@ -307,26 +309,12 @@ def loss_curves(metrics_path_or_records: str | Path | Iterable[dict[str, Any]], 
     return fig
 
 
-def codebook_stats(counts: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """{"used": codes with count > 0, "size": K, "share": used/K, "perplexity": exp(entropy of usage)}."""
-    from parti.tokenizer import code_usage
-
-    c = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
-    if c.ndim != 1 or c.size == 0:
-        raise PartiError(f"codebook counts must be a non-empty (K,) vector, got shape {c.shape}")
-    if (c < 0).any() or not np.isfinite(c).all():
-        raise PartiError("codebook counts must be finite and non-negative")
-    share, perplexity = code_usage(torch.from_numpy(c))
-    return {"used": int((c > 0).sum()), "size": int(c.size), "share": float(share),
-            "perplexity": float(perplexity) if c.sum() > 0 else 0.0}
-
-
 def codebook_usage_histogram(counts: torch.Tensor | np.ndarray, *, path: str | Path | None = None) -> Any:
     """Usage counts sorted high to low (log y); the title gives the share of codes used and the perplexity.
 
     A healthy codebook shows a long flat curve; collapse shows a cliff after a few codes. Returns a Figure.
     """
-    stats = codebook_stats(counts)
+    stats = usage_from_counts(counts)
     c = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
     ordered = np.sort(c)[::-1]
     fig = _new_figure(width=7.0, height=3.2)
@@ -391,7 +379,7 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
     if samples.is_dir():
         for name, png in _latest_grids(samples).items():
             target = out / f"latest_{name}.png"
-            _atomic_write(target, lambda tmp, src=png: shutil.copyfile(src, tmp))
+            atomic_write(target, lambda tmp, src=png: shutil.copyfile(src, tmp))
             written.append(target)
     usage = _codebook_usage(run_dir)
     if usage is not None:
@@ -402,8 +390,6 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
 
 def _codebook_usage(run_dir: Path):
     """A tokenizer run's per-code usage (the quantizer's EMA of codes per batch), or None."""
-    from parti.checkpoint import read_json, read_tensors
-
     config, weights = run_dir / "config.json", run_dir / "model.safetensors"
     if not (config.exists() and weights.exists()) or read_json(config).get("kind") != "tokenizer":
         return None

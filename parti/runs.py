@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
-from parti.checkpoint import CONFIG_NAME, MODEL_KINDS, _atomic_write, read_json, write_json
+from parti.checkpoint import CONFIG_NAME, MODEL_KINDS
+from parti.device import choose_mixed_precision, detect_device
 from parti.errors import PartiError
+from parti.files import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -105,38 +107,6 @@ def _pyproject_version() -> str | None:
         return tomllib.loads(pyproject.read_text())["project"]["version"]
     except (OSError, KeyError, ValueError, ImportError):
         return None
-
-
-def detect_device() -> dict[str, Any]:
-    """The hardware a run uses: {"type": "cuda"|"mps"|"cpu", "name", "count", ...}. Pure query, no logging."""
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        props = torch.cuda.get_device_properties(0)
-        return {
-            "type": "cuda",
-            "name": torch.cuda.get_device_name(0),
-            "count": torch.cuda.device_count(),
-            "capability": f"{major}.{minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1),
-        }
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return {"type": "mps", "name": "Apple MPS", "count": 1}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": os.cpu_count() or 1}
-
-
-def choose_mixed_precision() -> str:
-    """Accelerate's mixed_precision string: "bf16" on Ampere+ CUDA, "fp16" on older CUDA, "no" elsewhere.
-
-    Decided by compute capability, not torch.cuda.is_bf16_supported(): that returns True on a T4 (sm75)
-    where bf16 is only emulated and slow.
-    """
-    if torch.cuda.is_available():
-        choice = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
-        log.info("mixed precision: %s on %s", choice, torch.cuda.get_device_name(0))
-    else:
-        choice = "no"
-        log.info("mixed precision: no (fp32) on %s", detect_device()["type"])
-    return choice
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,10 +184,6 @@ class RunFolder:
     @property
     def metrics_path(self) -> Path:
         return self.path / METRICS_NAME
-
-    @property
-    def samples_dir(self) -> Path:
-        return self.path / SAMPLES_DIR
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -482,7 +448,7 @@ def save_image(image: Any, path: str | Path) -> Path:
     fmt = check_image_output(path)
     if fmt == "JPEG" and image.mode != "RGB":
         image = image.convert("RGB")  # JPEG holds no alpha
-    _atomic_write(Path(path).expanduser(), lambda tmp: image.save(tmp, format=fmt))
+    atomic_write(Path(path).expanduser(), lambda tmp: image.save(tmp, format=fmt))
     return Path(path)
 
 
@@ -530,7 +496,7 @@ class MetricsLogger:
         self._file.close()
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-        _atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")
         return len(lines) - len(kept)
 

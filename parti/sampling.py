@@ -1,9 +1,10 @@
 """Sampling image codes from the generator: a pure function of model + context + parameters + RNG.
 
 `generate` feeds one token per step through a `parti.decoding.Decoder` (pre-allocated KV cache,
-cross-attention keys/values once per prompt, eager or compiled); with guidance, conditional and null
-rows run in one batch and the logits are mixed as uncond + scale * (cond - uncond). `generate_naive` recomputes the whole prefix every
-step: slow and obvious, kept so the fast path can be tested against it.
+cross-attention keys/values once per prompt; eager, or compiled by `parti.compiled`); with guidance,
+conditional and null rows run in one batch and the logits are mixed as uncond + scale * (cond - uncond).
+`generate_naive` recomputes the whole prefix every step: slow and obvious, kept so the fast path can be
+tested against it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parti.decoding import decoder_for
+from parti.compiled import decoder_for
 from parti.errors import PartiError
 from parti.settings import setting
 from parti.generator import Generator
@@ -90,7 +91,7 @@ def generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor
     """context (B, L, dim), mask (B, L) from `model.encode_condition` -> codes (B, T) long.
 
     compile: True, False or "auto": run each step through the compiled, static-shape step of
-    `parti.decoding` (compiled once per process and shape; eager where compilation is unavailable)."""
+    `parti.compiled` (compiled once per process and shape; eager where compilation is unavailable)."""
     # inference_mode, not no_grad: no version counters or view tracking on the many small ops of each
     # step. The codes are copied out so that callers get an ordinary tensor they may modify in place.
     with torch.inference_mode():

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from parti.checkpoint import read_json, read_tensors, write_json, write_tensors
+from parti.checkpoint import read_tensors, write_tensors
 from parti.errors import PartiError
+from parti.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -69,6 +69,9 @@ _READ_REGIONS = {
     "mouth": (0.46, 0.625, 0.54, 0.645),     # top of the open smile: mouth, else skin
 }
 
+DEFAULT_LENGTH = 20_000  # faces in the training split unless a length is given (CLI, API, cache)
+VAL_LENGTH = 1_000  # faces in the validation split, always
+
 
 def sample_attributes(rng: random.Random) -> dict:
     """One value per attribute, each uniform and independent."""
@@ -299,7 +302,7 @@ class SyntheticFaces:
     HOLDOUT_COMBINATIONS; the other items are the same as with `holdout=False`.
     """
 
-    def __init__(self, *, size: int = 128, length: int | None = 10000, seed: int = 0, split: str = "train",
+    def __init__(self, *, size: int = 128, length: int | None = DEFAULT_LENGTH, seed: int = 0, split: str = "train",
                  holdout: bool = False):
         if split not in _SPLITS:
             raise PartiError(f"unknown split {split!r}; synthetic splits are {list(_SPLITS)}")

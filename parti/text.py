@@ -18,18 +18,21 @@ import io
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from parti.checkpoint import (_atomic_write, check_folder, config_from_dict, fingerprint_state, load_model_weights,
-                              save_model)
+from parti.checkpoint import SPM_NAME, check_folder, config_from_dict, fingerprint_state, load_model_weights, save_model
 from parti.errors import PartiError
+from parti.files import atomic_write
+from parti.hub import is_local_path
+from parti.validate import check_model_config, divides, values_of
 
 T5_ALIASES = {f"t5-{s}": f"google-t5/t5-{s}" for s in ("small", "base", "large", "3b", "11b")}
-SPM_NAME = "spm.model"
 KIND = "text_encoder"
+
+MAX_TEXT_TOKENS = 128  # tokens kept of a caption or prompt, by default (T5 and the trainable encoder)
 
 
 class TruncationWarning(UserWarning):
@@ -153,7 +156,7 @@ def _t5_fingerprint(model: nn.Module, tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, device: str | torch.device = "cpu",
+def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = MAX_TEXT_TOKENS, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> FrozenT5:
     """Load a frozen T5 encoder from a local folder or a hub name ("t5-large" means "google-t5/t5-large").
 
@@ -168,8 +171,7 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = 128, 
                          "encoder; pass the T5 it was trained with (--text-encoder-path PATH)")
     path = Path(name_or_path).expanduser()
     is_local = path.is_dir()
-    if not is_local and (name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path
-                         or name_or_path.count("/") > 1):
+    if not is_local and is_local_path(name_or_path):
         raise PartiError(f"T5 folder {name_or_path} does not exist; pass a folder holding config.json, "
                          "model.safetensors and the tokenizer files")
     name = str(path) if is_local else T5_ALIASES.get(name_or_path, name_or_path)
@@ -210,7 +212,7 @@ class ByteTokenizer:
     pad_id, eos_id = 0, 1
     vocab_size = 2 + 256
 
-    def __init__(self, *, max_length: int = 128):
+    def __init__(self, *, max_length: int = MAX_TEXT_TOKENS):
         _check_max_length(max_length)
         self.max_length = max_length
 
@@ -234,14 +236,14 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
     pad_id, eos_id = 0, 1
 
-    def __init__(self, model_path: str | Path, *, max_length: int = 128):
+    def __init__(self, model_path: str | Path, *, max_length: int = MAX_TEXT_TOKENS):
         path = Path(model_path)
         if not path.is_file():
             raise PartiError(f"sentencepiece model {path} not found; train one with train_sentencepiece")
         self._init(path.read_bytes(), max_length=max_length, what=str(path))
 
     @classmethod
-    def from_proto(cls, proto: bytes, *, max_length: int = 128) -> SentencePieceTokenizer:
+    def from_proto(cls, proto: bytes, *, max_length: int = MAX_TEXT_TOKENS) -> SentencePieceTokenizer:
         """Build from the serialized model (as `train_sentencepiece` writes it), without a file."""
         self = cls.__new__(cls)
         self._init(proto, max_length=max_length, what="sentencepiece model")
@@ -328,7 +330,7 @@ def train_sentencepiece(captions: Iterable[str], out_dir: str | Path, *, vocab_s
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Atomic write: a reader never sees half a file."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,20 +345,28 @@ class TextEncoderConfig:
     num_layers: int = 2
     num_heads: int = 4
     d_ff: int = 1024
-    max_length: int = 128
+    max_length: int = MAX_TEXT_TOKENS
     dropout: float = 0.0
+
+
+    # field -> (low, high) inclusive; a float range given as (low, high, "open") excludes `high` (parti.validate).
+    BOUNDS: ClassVar[dict[str, tuple]] = {
+        "vocab_size": (3, 1_000_000), "d_model": (1, 16384), "num_layers": (1, 256), "num_heads": (1, 256),
+        "d_ff": (1, 65536), "max_length": (2, 8192), "dropout": (0.0, 1.0, "open"),
+    }
 
     def __post_init__(self):
         if self.tokenizer not in ("bytes", "sentencepiece"):
             raise PartiError(f"text encoder tokenizer must be 'bytes' or 'sentencepiece', got {self.tokenizer!r}")
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
-            if getattr(self, name) < 1:
-                raise PartiError(f"text encoder {name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.num_heads:
-            raise PartiError(f"text encoder d_model {self.d_model} must be divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PartiError(f"text encoder dropout must be in [0, 1), got {self.dropout}")
-        _check_max_length(self.max_length)
+        check_model_config(type(self), dataclasses.asdict(self), what="text encoder config")
+
+    @staticmethod
+    def relations(v: dict[str, Any], *, what: str) -> int:
+        """Check the fields' relations in `v` (defaults where missing); return the estimated parameter count."""
+        width, heads, layers, d_ff, vocab = values_of(v, TextEncoderConfig, "d_model", "num_heads", "num_layers",
+                                                      "d_ff", "vocab_size")
+        divides(what, "num_heads", heads, "d_model", width)
+        return vocab * width + layers * (4 * width * width + 3 * width * d_ff)  # gated-GELU: two input projections
 
 
 TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
@@ -459,16 +469,16 @@ def build_text_encoder(spec: str = "trainable", *, captions: Iterable[str] | Non
     Trainable: with `config=None` the "small" preset is used, with a sentencepiece tokenizer trained on
     `captions` when given (written to out_dir/spm.model when `out_dir` is given), else bytes. A given
     sentencepiece `config` trains on `captions` with its vocab_size; the config then records the vocabulary
-    actually learned. `max_length` defaults to 128 or the config's. phrases=True: sentencepiece pieces may
+    actually learned. `max_length` defaults to MAX_TEXT_TOKENS or the config's. phrases=True: sentencepiece pieces may
     span words (see `_train_spm_proto`).
     """
     if spec != "trainable":
-        return load_t5(spec, max_length=128 if max_length is None else max_length, device=device)
+        return load_t5(spec, max_length=MAX_TEXT_TOKENS if max_length is None else max_length, device=device)
     if config is None:
         kind = "sentencepiece" if captions is not None else "bytes"
         config = dataclasses.replace(TEXT_ENCODER_PRESETS["small"], tokenizer=kind,
                                      vocab_size=1000 if kind == "sentencepiece" else ByteTokenizer.vocab_size,
-                                     max_length=128 if max_length is None else max_length)
+                                     max_length=MAX_TEXT_TOKENS if max_length is None else max_length)
     elif max_length is not None and max_length != config.max_length:
         raise PartiError(f"max_length {max_length} contradicts config.max_length {config.max_length}; give one")
     if config.tokenizer == "bytes":

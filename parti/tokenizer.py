@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from parti.checkpoint import check_folder, config_from_dict, fingerprint_state, 
 from parti.errors import PartiError
 from parti.hub import resolve_checkpoint
 from parti.layers import Block, init_weights
+from parti.validate import MAX_TOKENS, block_params, check_model_config, divides, values_of
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,30 @@ class TokenizerConfig:
     dead_code_threshold: float = 0.03  # restart codes whose EMA usage falls below this (per batch)
     usage_decay: float = 0.99
 
+
+    # field -> (low, high) inclusive; a float range given as (low, high, "open") excludes `high` (parti.validate).
+    BOUNDS: ClassVar[dict[str, tuple]] = {
+        "image_size": (8, 4096), "patch_size": (1, 256), "dim": (1, 16384), "encoder_depth": (0, 256),
+        "decoder_depth": (0, 256), "heads": (1, 256), "mlp_ratio": (0.0, 64.0), "codebook_size": (2, 65536),
+        "codebook_dim": (1, 16384), "beta": (0.0, 1e3), "dead_code_threshold": (0.0, 1e6),
+        "usage_decay": (0.0, 1.0, "open"),
+    }
+
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise PartiError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        if self.dim % self.heads:
-            raise PartiError(f"tokenizer dim {self.dim} must be divisible by heads {self.heads}")
+        check_model_config(type(self), dataclasses.asdict(self), what="tokenizer config")
+
+    @staticmethod
+    def relations(v: dict[str, Any], *, what: str) -> int:
+        """Check the fields' relations in `v` (defaults where missing); return the estimated parameter count."""
+        size, patch, dim, heads, enc, dec, ratio, book, book_dim = values_of(
+            v, TokenizerConfig, "image_size", "patch_size", "dim", "heads", "encoder_depth", "decoder_depth",
+            "mlp_ratio", "codebook_size", "codebook_dim")
+        divides(what, "patch_size", patch, "image_size", size)
+        divides(what, "heads", heads, "dim", dim)
+        tokens = (size // patch) ** 2
+        if tokens > MAX_TOKENS:
+            raise PartiError(f"{what}: image_size {size} / patch_size {patch} gives {tokens} tokens, above {MAX_TOKENS}")
+        return (enc + dec) * block_params(dim, ratio) + 2 * tokens * dim + 6 * patch * patch * dim + book * book_dim
 
     @property
     def grid_size(self) -> int:
@@ -59,8 +80,8 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     # CPU tests: seconds.
     "tiny": TokenizerConfig(image_size=32, patch_size=4, dim=64, encoder_depth=1, decoder_depth=1, heads=2,
                             mlp_ratio=2.0, codebook_size=256, codebook_dim=8),
-    # The CPU demo on synthetic faces: 64 px, an 8x8 grid of codes. One layer each way: in the demo's 1,000
-    # steps it reached 28.3 dB validation PSNR in 30 s, where 2 + 2 layers reached 27.0 dB in 47 s.
+    # The CPU demo on synthetic faces: 64 px, an 8x8 grid of codes. One layer each way: better and faster than
+    # two in the demo's steps (docs/benchmarks.md, "Figures behind the code's design choices").
     "demo": TokenizerConfig(image_size=64, patch_size=8, dim=128, encoder_depth=1, decoder_depth=1, heads=4,
                             mlp_ratio=4.0, codebook_size=512, codebook_dim=16),
     # The benchmark reference size (dim 256, patch 8, 128 px); a quick FFHQ run on one GPU.
@@ -75,8 +96,6 @@ class TokenizerOutput:
     reconstruction: torch.Tensor  # (B, 3, S, S)
     codes: torch.Tensor  # (B, h, w) long
     commit_loss: torch.Tensor  # scalar: codebook + beta * commitment
-    usage: torch.Tensor  # scalar: share of the codebook used in this batch
-    perplexity: torch.Tensor  # scalar: exp(entropy) of this batch's code histogram
 
 
 class Quantizer(nn.Module):
@@ -184,10 +203,9 @@ class VQTokenizer(nn.Module):
         z = self._latents(images)
         b, t, d = z.shape
         zq, idx, loss = self.quantizer(z.reshape(b * t, d))
-        usage, perplexity = code_usage(torch.bincount(idx, minlength=self.config.codebook_size))
         g = self.config.grid_size
         return TokenizerOutput(reconstruction=self._pixels(zq.reshape(b, t, d)), codes=idx.reshape(b, g, g),
-                               commit_loss=loss, usage=usage, perplexity=perplexity)
+                               commit_loss=loss)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -217,14 +235,6 @@ class VQTokenizer(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {"trainable": trainable, "frozen": frozen}
-
-
-def code_usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A code histogram (K,) -> (share of the K codes used, perplexity: exp of the histogram's entropy in nats,
-    K when uniform, 1 when collapsed), as 0-d float tensors on the histogram's device (no host read)."""
-    counts = counts.double()
-    p = counts / counts.sum().clamp_min(1)
-    return (counts > 0).double().mean().float(), torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).float()
 
 
 def build_tokenizer(preset: str | TokenizerConfig = "ffhq128", **overrides) -> VQTokenizer:

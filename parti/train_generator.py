@@ -23,9 +23,11 @@ from torch import nn
 from parti import text as text_mod
 from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache
 from parti.checkpoint import atomic_export, config_from_dict
+from parti.data import open_source
 from parti.distributed import on_main, replicas_agree
 from parti.errors import PartiError
-from parti.generator import GENERATOR_PRESETS, Generator, build_generator, save_generator
+from parti.files import read_json
+from parti.generator import GENERATOR_PRESETS, Generator, GeneratorConfig, build_generator, save_generator
 from parti.loop import Stage, TrainConfig, fit
 from parti.optim import EMA, NonFiniteGuard, flatten_optimizer, make_adamw, restore_optimizer
 from parti.pipeline import Pipeline
@@ -35,6 +37,7 @@ from parti.sampling import SamplingParams
 from parti.settings import setting
 from parti.state import load_module
 from parti.tokenizer import load_tokenizer, save_tokenizer
+from parti.validate import check_model_config
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,8 @@ class GeneratorTrainConfig(TrainConfig):
     phrase_pieces: bool = setting(False, "SentencePiece pieces may span words ('no hat' one token): fewer tokens "
                                   "a caption, and negations a one-layer encoder reads (the demo's captions)")
     grad_clip: float = setting(4.0)  # Parti's value
-    cond_drop_prob: float = setting(0.1, "share of captions dropped, for classifier-free guidance", minimum=0,
-                                    maximum=1)
+    # Bounded by GeneratorConfig.BOUNDS (checked in __post_init__), the one home of the model's ranges.
+    cond_drop_prob: float = setting(0.1, "share of captions dropped, for classifier-free guidance, in [0, 1)")
     ema_decay: float = setting(0.0, "EMA of the weights, exported instead of them (e.g. 0.999); 0: off",
                                minimum=0, maximum=0.999999)
     guidance_scale: float = setting(3.0, "classifier-free guidance of the periodic sample grids", minimum=0,
@@ -68,6 +71,8 @@ class GeneratorTrainConfig(TrainConfig):
         if self.preset not in GENERATOR_PRESETS:
             raise PartiError(f"unknown generator preset {self.preset!r}; choose one of {sorted(GENERATOR_PRESETS)}")
         super().__post_init__()
+        check_model_config(GeneratorConfig, {"cond_drop_prob": self.cond_drop_prob},
+                           what="cond_drop_prob (--cond-drop-prob)")
 
 
 class Objective(nn.Module):
@@ -145,8 +150,6 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
 
 def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig) -> None:
     """OUT/cache is this run's: made from the same data, else refused (an earlier run with another --data)."""
-    from parti.checkpoint import read_json
-
     made = read_json(cache_dir / "manifest.json")
     if made.get("data") != cfg.data or bool(made.get("holdout")) != cfg.holdout:
         raise PartiError(f"{cache_dir} was encoded from --data {made.get('data')!r} (holdout {made.get('holdout')}), "
@@ -155,8 +158,6 @@ def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig) -> None:
 
 def _check_captioned(cfg: GeneratorTrainConfig) -> None:
     """Stage 2 learns from captions: a caption-less source is refused before anything is encoded."""
-    from parti.data import open_source
-
     if cfg.data == "synthetic":
         return  # captioned by construction
     source = open_source(cfg.data, split="train", image_size=32, image_column=cfg.image_column,

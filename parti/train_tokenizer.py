@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from parti import data as data_mod
-from parti.distributed import (average_gradients, global_codebook_stats, reduce_logs, replicas_agree,
-                               total_over_ranks)
 from parti.checkpoint import atomic_export
+from parti.distributed import average_gradients, global_codebook_stats, reduce_logs, replicas_agree, total_over_ranks
 from parti.errors import PartiError
-from parti.losses import LossConfig, TokenizerLoss
 from parti.loop import Stage, TrainConfig, fit
+from parti.losses import LossConfig, TokenizerLoss
 from parti.metrics import psnr
 from parti.optim import NonFiniteGuard, flatten_optimizer, lr_at, make_adamw, restore_optimizer, set_lr
 from parti.plots import reconstruction_grid
@@ -74,27 +73,6 @@ class TokenizerTrainConfig(TrainConfig, LossConfig):
         return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
 
 
-def open_split(cfg: TrainConfig, split: str, image_size: int):
-    return data_mod.open_source(cfg.data, split=split, image_size=image_size, image_column=cfg.image_column,
-                                caption_column=cfg.caption_column,
-                                synthetic_length=cfg.synthetic_length if split == "train" else None,
-                                seed=cfg.seed, holdout=cfg.holdout)
-
-
-def val_batch(source, n: int) -> torch.Tensor:
-    """The first n readable validation images, (n, 3, S, S): a fixed set for curves and grids."""
-    images = []
-    for i in range(min(len(source), 4 * n)):
-        item = source[i]
-        if item is not None:
-            images.append(item["image"])
-        if len(images) == n:
-            break
-    if not images:
-        raise PartiError("the validation split holds no readable images")
-    return torch.stack(images)
-
-
 class TokenizerStage(Stage):
     """The autoencoder with its optimizer, and the discriminator with its own (outside DDP)."""
 
@@ -106,9 +84,9 @@ class TokenizerStage(Stage):
         self.model = build_tokenizer(cfg.preset)
         size = self.model.config.image_size
         self.loss_fn = TokenizerLoss(cfg.loss_config(), image_size=size, pretrained_vgg=cfg.pretrained_vgg)
-        self.train_set, val_set = open_split(cfg, "train", size), open_split(cfg, "val", size)
+        self.train_set, val_set = data_mod.open_split(cfg, "train", size), data_mod.open_split(cfg, "val", size)
         self.collate, self.flip_prob = data_mod.collate, 0.5 if cfg.flip else 0.0
-        self.val_images = val_batch(val_set, cfg.val_images).to(acc.device)
+        self.val_images = data_mod.val_batch(val_set, cfg.val_images).to(acc.device)
         self.model_config = dataclasses.asdict(self.model.config)
         self.disc = self.loss_fn.discriminator
         self.optimizer = make_adamw(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,

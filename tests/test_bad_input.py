@@ -269,7 +269,7 @@ def config_is_a_folder(folder: Path) -> None:
 
 def write_under(where: str):
     def action(c: Ctx) -> None:
-        from parti.checkpoint import write_json
+        from parti.files import write_json
 
         (c.tmp / "a_file").write_text("x")
         write_json(Path(c.path(where)) / "config.json", {"a": 1})

@@ -1,11 +1,13 @@
-"""The sampler's fast path (parti.decoding) against the slow, obvious one: packed and unpacked weights,
-fp32 and bf16, with and without guidance; the compiled step against eager; the fallbacks to eager."""
+"""The sampler's fast path (parti.decoding; compiled, parti.compiled) against the slow, obvious one: packed
+and unpacked weights, fp32 and bf16, with and without guidance; the compiled step against eager; the
+fallbacks to eager."""
 
 import logging
 
 import pytest
 import torch
 
+from parti import compiled as compiled_step
 from parti import decoding
 from parti.errors import PartiError
 from parti.generator import build_generator
@@ -74,31 +76,31 @@ def test_bf16_decoding_follows_the_naive_codes(request, packed, params, scale):
 @pytest.fixture
 def fresh_compile_state(monkeypatch):
     """No failure remembered from other tests, no warning already given."""
-    monkeypatch.setattr(decoding, "_compile_failure", None)
-    monkeypatch.setattr(decoding, "_warned", set())
+    monkeypatch.setattr(compiled_step, "_compile_failure", None)
+    monkeypatch.setattr(compiled_step, "_warned", set())
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None, "True"])
 def test_compile_option_rejects_other_values(value):
     with pytest.raises(PartiError, match="compile must be True, False or 'auto'"):
-        decoding.use_compile(value, torch.device("cpu"))
+        compiled_step.use_compile(value, torch.device("cpu"))
 
 
 def test_auto_compiles_on_cuda_and_follows_the_cpu_measurement(monkeypatch, fresh_compile_state):
-    monkeypatch.setattr(decoding, "compile_unavailable", lambda device: None)
-    assert decoding.use_compile("auto", torch.device("cuda")) is True
-    assert decoding.use_compile("auto", torch.device("cpu")) is decoding.CPU_AUTO_COMPILE
-    monkeypatch.setattr(decoding, "CPU_AUTO_COMPILE", True)
-    assert decoding.use_compile("auto", torch.device("cpu")) is True
-    assert decoding.use_compile(False, torch.device("cuda")) is False
+    monkeypatch.setattr(compiled_step, "compile_unavailable", lambda device: None)
+    assert compiled_step.use_compile("auto", torch.device("cuda")) is True
+    assert compiled_step.use_compile("auto", torch.device("cpu")) is compiled_step.CPU_AUTO_COMPILE
+    monkeypatch.setattr(compiled_step, "CPU_AUTO_COMPILE", True)
+    assert compiled_step.use_compile("auto", torch.device("cpu")) is True
+    assert compiled_step.use_compile(False, torch.device("cuda")) is False
 
 
 def test_no_cpp_compiler_means_eager_with_one_warning(monkeypatch, fresh_compile_state, caplog):
-    monkeypatch.setattr(decoding.shutil, "which", lambda name: None)
-    assert "C++ compiler" in decoding.compile_unavailable(torch.device("cpu"))
+    monkeypatch.setattr(compiled_step.shutil, "which", lambda name: None)
+    assert "C++ compiler" in compiled_step.compile_unavailable(torch.device("cpu"))
     model = tiny()
     ctx, mask = condition(model)
-    with caplog.at_level(logging.WARNING, logger="parti.decoding"):
+    with caplog.at_level(logging.WARNING, logger="parti.compiled"):
         a = sample(generate, model, ctx, mask, GREEDY, 3.0, compile=True)
         b = sample(generate, model, ctx, mask, GREEDY, 3.0, compile=True)
         c = sample(generate, model, ctx, mask, GREEDY, 3.0, compile="auto")  # auto: eager, silently
@@ -117,11 +119,11 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, fresh_compile_sta
         calls.append(1)
         raise RuntimeError("inductor exploded\nsecond line of a long traceback")
 
-    monkeypatch.setattr(decoding, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(compiled_step, "compile_unavailable", lambda device: None)
     monkeypatch.setattr(torch, "compile", broken)
     model = tiny()
     ctx, mask = condition(model)
-    with caplog.at_level(logging.WARNING, logger="parti.decoding"):
+    with caplog.at_level(logging.WARNING, logger="parti.compiled"):
         a = sample(generate, model, ctx, mask, SAMPLED, 3.0, compile=True)
         b = sample(generate, model, ctx, mask, SAMPLED, 1.0, compile=True)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -156,37 +158,37 @@ def test_static_shape_step_matches_the_eager_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("b, scale", [(3, 1.0), (3, 3.0), (4, 3.0)])  # batch 4 guided: the filled-cache op
 def test_compiled_decoding_gives_the_eager_codes(fresh_compile_state, b, scale, caplog):
-    if decoding.compile_unavailable(torch.device("cpu")):
-        pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
+    if compiled_step.compile_unavailable(torch.device("cpu")):
+        pytest.skip(compiled_step.compile_unavailable(torch.device("cpu")))
     model = tiny()
     ctx, mask = condition(model, b=b)
-    with caplog.at_level(logging.INFO, logger="parti.decoding"):
+    with caplog.at_level(logging.INFO, logger="parti.compiled"):
         for params in (GREEDY, SAMPLED):
             compiled = sample(generate, model, ctx, mask, params, scale, compile=True)
             assert torch.equal(compiled, sample(generate, model, ctx, mask, params, scale))
             assert torch.equal(compiled, sample(generate_naive, model, ctx, mask, params, scale))
-    assert decoding._compile_failure is None
+    assert compiled_step._compile_failure is None
     # Compiled once for this shape, its time logged and kept; later calls reuse it.
     assert sum("compiled the decoding step" in r.getMessage() for r in caplog.records) == 1
     with torch.inference_mode():
-        d = decoding.decoder_for(model, batch=b, guided=scale != 1.0, context_len=5, compile=True)
+        d = compiled_step.decoder_for(model, batch=b, guided=scale != 1.0, context_len=5, compile=True)
     assert d.compiled is not None and d.compile_s > 0 and d.filled == (b == 4)
 
 
 def test_weights_key_changes_with_the_weights_only():
     """The compiled CPU step freezes the weights; `weights_key` is what tells `decoder_for` to compile anew."""
     model = tiny()
-    key = decoding.weights_key(model)
-    assert decoding.weights_key(model) == key  # reading, sampling: the same key
+    key = compiled_step.weights_key(model)
+    assert compiled_step.weights_key(model) == key  # reading, sampling: the same key
     with torch.inference_mode():
         sample(generate, model, *condition(model), GREEDY, 3.0)
-    assert decoding.weights_key(model) == key
+    assert compiled_step.weights_key(model) == key
     with torch.no_grad():
         model.head.weight.mul_(1.0)  # an in-place write, even of the same values
-    assert decoding.weights_key(model) != key
-    key = decoding.weights_key(model)
+    assert compiled_step.weights_key(model) != key
+    key = compiled_step.weights_key(model)
     model.load_state_dict(tiny(seed=1).state_dict())
-    assert decoding.weights_key(model) != key
+    assert compiled_step.weights_key(model) != key
 
 
 @pytest.mark.slow
@@ -194,12 +196,12 @@ def test_compiled_decoding_follows_changed_weights(fresh_compile_state, caplog):
     """Frozen weights are a snapshot: after the weights change (training between two sampling calls),
     the step is compiled once more with the weights as inputs, and gives the new weights' codes; later
     changes need no further compilation."""
-    if decoding.compile_unavailable(torch.device("cpu")):
-        pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
+    if compiled_step.compile_unavailable(torch.device("cpu")):
+        pytest.skip(compiled_step.compile_unavailable(torch.device("cpu")))
     model = tiny()
     ctx, mask = condition(model)
     before = sample(generate, model, ctx, mask, GREEDY, 3.0, compile=True)
-    with caplog.at_level(logging.INFO, logger="parti.decoding"):
+    with caplog.at_level(logging.INFO, logger="parti.compiled"):
         for seed in (1, 2):
             model.load_state_dict(tiny(seed=seed).state_dict())
             after = sample(generate, model, ctx, mask, GREEDY, 3.0, compile=True)
@@ -209,19 +211,20 @@ def test_compiled_decoding_follows_changed_weights(fresh_compile_state, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("weights changed" in m for m in messages) == 1
     assert sum("compiled the decoding step" in m for m in messages) == 1  # the unfrozen one, once
-    assert decoding._compile_failure is None
+    assert compiled_step._compile_failure is None
 
 
 @pytest.mark.slow
 def test_compiled_decoders_do_not_reach_the_recompile_limit(fresh_compile_state):
     """Every shape compiles its own graph (its own code object), so more than dynamo's limit of 8 compiled
     decoders in one process all stay compiled."""
-    if decoding.compile_unavailable(torch.device("cpu")):
-        pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
+    if compiled_step.compile_unavailable(torch.device("cpu")):
+        pytest.skip(compiled_step.compile_unavailable(torch.device("cpu")))
     model = tiny()
     with torch.inference_mode():
-        decoders = [decoding.decoder_for(model, batch=b, guided=True, context_len=5, compile=True) for b in range(1, 11)]
-    assert decoding._compile_failure is None and all(d.compiled is not None for d in decoders)
+        decoders = [compiled_step.decoder_for(model, batch=b, guided=True, context_len=5, compile=True)
+                    for b in range(1, 11)]
+    assert compiled_step._compile_failure is None and all(d.compiled is not None for d in decoders)
 
 
 @pytest.mark.slow
@@ -229,14 +232,14 @@ def test_compiled_cpu_step_compiles_once_with_its_settings(fresh_compile_state):
     """The step is compiled in inference mode, as `generate` runs it: a decoder compiled under no_grad
     alone (a caller of `decoder_for`) must not compile again on its first sampling call, which would
     happen outside the frozen-weights / C++-wrapper settings."""
-    if decoding.compile_unavailable(torch.device("cpu")):
-        pytest.skip(decoding.compile_unavailable(torch.device("cpu")))
+    if compiled_step.compile_unavailable(torch.device("cpu")):
+        pytest.skip(compiled_step.compile_unavailable(torch.device("cpu")))
     from torch._dynamo.utils import counters
 
     model = tiny()
     ctx, mask = condition(model)
     with torch.no_grad():
-        d = decoding.decoder_for(model, batch=3, guided=True, context_len=5, compile=True)
+        d = compiled_step.decoder_for(model, batch=3, guided=True, context_len=5, compile=True)
     graphs = counters["stats"]["unique_graphs"]
     assert d.compiled is not None and graphs > 0
     codes = sample(generate, model, ctx, mask, SAMPLED, 3.0, compile=True)

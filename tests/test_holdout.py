@@ -9,9 +9,9 @@ import pytest
 from parti import synthetic
 from parti.cache import CodeCache, encode_dataset
 from parti.cli import main
-from parti.data import open_source
+from parti.data import open_source, open_split
 from parti.errors import PartiError
-from parti.train_tokenizer import TokenizerTrainConfig, open_split
+from parti.train_tokenizer import TokenizerTrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -90,7 +90,7 @@ def test_the_download_allow_list_keeps_only_model_files():
     """The exact filter snapshot_download applies to the repo's file list (huggingface_hub's own)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from parti.hub import MODEL_FILES
+    from parti.checkpoint import MODEL_FILES
 
     repo = ["config.json", "model.safetensors", "pytorch_model.bin", "modeling.py", "README.md", "samples.png",
             "tokenizer/config.json", "tokenizer/model.safetensors", "tokenizer/evil.pkl", "text_encoder/spm.model",
@@ -201,7 +201,7 @@ UPLOADED = {"README.md", "samples.png", "config.json", "model.safetensors", "tok
 
 def test_prepare_upload_holds_exactly_the_model_files_card_and_samples(run_folder, tmp_path):
     import parti
-    from parti.hub import prepare_upload
+    from parti.push import prepare_upload
 
     folder = prepare_upload(run_folder, tmp_path / "upload", repo_id="user/faces")
     files = folder_files(folder)
@@ -218,7 +218,7 @@ def test_prepare_upload_holds_exactly_the_model_files_card_and_samples(run_folde
 def test_model_card_sections(run_folder, tmp_path):
     import yaml
 
-    from parti.hub import prepare_upload
+    from parti.push import prepare_upload
 
     card = (prepare_upload(run_folder, tmp_path / "up", repo_id="user/faces") / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
@@ -237,7 +237,7 @@ def test_model_card_sections(run_folder, tmp_path):
 def test_model_card_of_an_ffhq_run_is_non_commercial(run_folder, tmp_path):
     import yaml
 
-    from parti.hub import prepare_upload
+    from parti.push import prepare_upload
 
     config = json.loads((run_folder / "config.json").read_text())
     config["data"] = "/data/ffhq-128"
@@ -254,7 +254,7 @@ def test_model_card_of_an_ffhq_run_is_non_commercial(run_folder, tmp_path):
 def test_push_to_hub_uploads_the_prepared_folder_once(run_folder, monkeypatch):
     import huggingface_hub
 
-    from parti.hub import push_to_hub
+    from parti.push import push_to_hub
 
     sent = {}
 

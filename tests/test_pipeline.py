@@ -105,7 +105,7 @@ def test_bf16_sampling_follows_fp32(runs):
     """dtype="bf16": bf16 generator weights and KV cache, fp32 logits. Teacher-forced logits stay within
     bf16 rounding of fp32's, and greedy codes mostly agree (exact ties aside, which bf16 may flip)."""
     import parti
-    from parti.pipeline import sampling_dtype
+    from parti.device import sampling_dtype
 
     fp32 = parti.load_pipeline(runs["gen"], device="cpu", dtype="fp32")
     bf16 = parti.load_pipeline(runs["gen"], device="cpu", dtype="bf16")
@@ -210,7 +210,7 @@ def test_encode_command_and_cache_contents(runs, tmp_path):
 def test_auto_sampling_dtype_follows_compute_capability(monkeypatch, capability, want):
     """A T4 (7.5) reports bf16 as supported but only emulates it: auto keeps fp32 there, like the training
     rule (parti.runs.choose_mixed_precision), and picks bf16 from Ampere (8.0) on."""
-    from parti.pipeline import sampling_dtype
+    from parti.device import sampling_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -259,7 +259,7 @@ def test_pipeline_compile_option(tiny_folders):
 
 @pytest.mark.parametrize("flag, want", [([], "auto"), (["--compile", "on"], True), (["--compile", "off"], False)])
 def test_sample_cli_passes_compile_through(monkeypatch, tmp_path, flag, want):
-    from parti import pipeline
+    from parti import cli
     from parti.cli import main
 
     seen = {}
@@ -267,6 +267,6 @@ def test_sample_cli_passes_compile_through(monkeypatch, tmp_path, flag, want):
     def fake_load(path, **kw):
         seen.update(kw)
         raise PartiError("stop here")
-    monkeypatch.setattr(pipeline, "load_pipeline", fake_load)
+    monkeypatch.setattr(cli, "load_pipeline", fake_load)
     assert main(["sample", "--checkpoint", "x", "--prompt", "a face", "--out", str(tmp_path / "a.png"), *flag]) != 0
     assert seen["compile"] == want

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from parti.errors import PartiError
-from parti.plots import (codebook_stats, codebook_usage_histogram, image_grid, loss_curves, plot_run,
+from parti.metrics import usage_from_counts
+from parti.plots import (codebook_usage_histogram, image_grid, loss_curves, plot_run,
                          reconstruction_grid, sample_grid, to_pil, to_uint8)
 
 H, W, PAD = 8, 12, 2
@@ -117,9 +118,9 @@ def test_loss_curves_from_truncated_jsonl(tmp_path):
 
 def test_codebook_histogram(tmp_path):
     counts = torch.tensor([10, 0, 5, 5, 0, 0, 1, 0])
-    stats = codebook_stats(counts)
+    stats = usage_from_counts(counts)
     assert stats["used"] == 4 and stats["share"] == 0.5 and 1 < stats["perplexity"] < 4
-    assert codebook_stats(np.ones(16))["perplexity"] == pytest.approx(16)
+    assert usage_from_counts(np.ones(16))["perplexity"] == pytest.approx(16)
     path = tmp_path / "usage.png"
     fig = codebook_usage_histogram(counts, path=path)
     assert path.stat().st_size > 0 and "4/8 codes used (50.0%)" in fig.axes[0].get_title()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from parti.errors import PartiError
-from parti.runs import (MetricsLogger, RunFolder, choose_mixed_precision, config_changes, detect_device,
-                        git_info, library_versions, read_metrics)
+from parti.runs import MetricsLogger, RunFolder, config_changes, git_info, library_versions, read_metrics
+from parti.device import choose_mixed_precision, detect_device
 
 CONFIG = {"model": {"dim": 32, "depth": 2, "patch": (4, 4)}, "lr": 3e-4, "steps": 100}
 
@@ -124,7 +124,7 @@ def test_read_metrics_missing_file(tmp_path):
 def test_device_and_precision_on_cpu(caplog):
     device = detect_device()
     assert device["type"] in {"cpu", "cuda", "mps"} and device["count"] >= 1
-    with caplog.at_level(logging.INFO, logger="parti.runs"):
+    with caplog.at_level(logging.INFO, logger="parti.device"):
         choice = choose_mixed_precision()
     assert choice in {"no", "fp16", "bf16"} and "mixed precision" in caplog.text
     if not torch.cuda.is_available():
