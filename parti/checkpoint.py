@@ -43,6 +43,17 @@ SPM_NAME = "spm.model"  # a trained text encoder's SentencePiece model
 # Every file a generator (or tokenizer) folder loads from; the Hub download's allow-list and the upload's content.
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{TOKENIZER_DIR}/{CONFIG_NAME}", f"{TOKENIZER_DIR}/{WEIGHTS_NAME}",
                f"{TEXT_ENCODER_DIR}/{CONFIG_NAME}", f"{TEXT_ENCODER_DIR}/{WEIGHTS_NAME}", f"{TEXT_ENCODER_DIR}/{SPM_NAME}")
+# A run folder is the model (the files above) and the record of its training run:
+RUN_JSON = "run.json"  # the resolved config, versions, device, and whether the run finished
+METRICS_NAME = "metrics.jsonl"  # one JSON object a logged step
+SAMPLES_DIR = "samples"  # sample grids, one a sampling step: GRID_GLOB, named by `grid_name`
+GRID_GLOB = "step_*.png"  # zero-padded step numbers: name order is step order
+CHECKPOINTS_DIR = "checkpoints"  # resumable training state, one step_* folder each
+CACHE_DIR = "cache"  # a generator run's code cache (parti.cache), encoded before training
+MANIFEST_NAME = "manifest.json"  # a code cache's description, written last
+EVAL_NAME = "eval.json"  # `parti evaluate`'s results, by default
+EVAL_TOKENIZER_NAME = "eval_tokenizer.json"  # `parti evaluate-tokenizer`'s results, by default
+DEMO_NAME = "demo.json"  # `parti demo`'s summary, in the demo's output folder
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # First bytes of pickle streams (protocol 2+) and of torch.save's zip archives: named in the error only.
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -61,6 +72,11 @@ EXPORT_OLD = ".export.old"
 RESUME_HINT = "if a training run was stopped while exporting, run it again with --resume to rewrite the export"
 
 T = TypeVar("T")
+
+
+def grid_name(step: int) -> str:
+    """The sample grid of training step `step`, in SAMPLES_DIR (matches GRID_GLOB)."""
+    return f"step_{step:07d}.png"
 
 
 def parti_home() -> Path:
@@ -184,7 +200,7 @@ def check_folder(folder: str | Path, kind: str) -> dict[str, Any]:
         raise PartiError(f"checkpoint folder {folder} does not exist{hint}")
     if not (folder / CONFIG_NAME).exists():
         have = sorted(p.name for p in folder.iterdir())[:10]
-        hint = f"; {RESUME_HINT}" if (folder / "run.json").exists() else ""
+        hint = f"; {RESUME_HINT}" if (folder / RUN_JSON).exists() else ""
         raise PartiError(f"{folder} has no {CONFIG_NAME} (it holds {have}); is this a parti checkpoint folder?{hint}")
     config = read_json(folder / CONFIG_NAME)
     # model.safetensors carries a copy of config.json and is renamed into place first: when a save was
@@ -309,7 +325,7 @@ def atomic_export(folder: str | Path) -> Iterator[Path]:
     """Write an export into the yielded staging folder; on a clean exit its entries replace `folder`'s.
 
         with atomic_export(run_dir) as stage:
-            save_text_encoder(encoder, stage / "text_encoder")
+            save_text_encoder(encoder, stage / TEXT_ENCODER_DIR)
             save_generator(generator, stage, extra=...)
 
     Entries of `folder` not written to the stage (run.json, checkpoints/, a tokenizer/ left as it is)
@@ -374,7 +390,7 @@ def _refuse_torn_export(folder: Path) -> None:
 
 def _inside_export(folder: Path) -> bool:
     """`folder` is a tokenizer/ or text_encoder/ entry of an export (its parent holds a generator config)."""
-    return folder.name in ("tokenizer", "text_encoder") and (folder.parent / CONFIG_NAME).is_file()
+    return folder.name in (TOKENIZER_DIR, TEXT_ENCODER_DIR) and (folder.parent / CONFIG_NAME).is_file()
 
 
 def fingerprint_state(state: dict[str, torch.Tensor]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from parti.checkpoint import CONFIG_NAME, DEMO_NAME, RUN_JSON, TOKENIZER_DIR
 from parti.data import open_split, val_batch
 from parti.errors import PartiError
 from parti.evaluate import attribute_accuracy
@@ -81,10 +82,10 @@ def stage_configs(cfg: DemoConfig, size: str) -> tuple:
     common = dict(data="synthetic", warmup_steps=50, synthetic_length=s["synthetic_length"], seed=cfg.seed,
                   progress=cfg.progress, holdout=cfg.holdout, num_workers=s["num_workers"], resume=True)
     tok, gen = s["tokenizer"], s["generator"]
-    tok_cfg = TokenizerTrainConfig(**common, **tok, out=str(out / "tokenizer"), perceptual_weight=0.0,
+    tok_cfg = TokenizerTrainConfig(**common, **tok, out=str(out / TOKENIZER_DIR), perceptual_weight=0.0,
                                    adversarial_weight=0.0, sample_every=max(1, tok["steps"] // 2),
                                    save_every=max(1, tok["steps"] // 4))
-    gen_cfg = GeneratorTrainConfig(**common, **gen, tokenizer=str(out / "tokenizer"), out=str(out / "generator"),
+    gen_cfg = GeneratorTrainConfig(**common, **gen, tokenizer=str(out / TOKENIZER_DIR), out=str(out / "generator"),
                                    sample_every=max(1, gen["steps"] // 2),
                                    save_every=max(1, gen["steps"] // 4))
     return tok_cfg, gen_cfg
@@ -112,13 +113,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise PartiError(f"--out {out} is a file; give a folder for the demo's runs")
     images.mkdir(parents=True, exist_ok=True)
     # A rerun skips finished stages; their training time is carried over from the previous summary.
-    before = json.loads((out / "demo.json").read_text()).get("seconds", {}) if (out / "demo.json").is_file() else {}
+    before = json.loads((out / DEMO_NAME).read_text()).get("seconds", {}) if (out / DEMO_NAME).is_file() else {}
     tok_cfg, gen_cfg = stage_configs(cfg, size)
-    t_tok = _train_stage(out / "tokenizer", tok_cfg, train_tokenizer, before.get("tokenizer"))
+    t_tok = _train_stage(out / TOKENIZER_DIR, tok_cfg, train_tokenizer, before.get("tokenizer"))
     t_gen = _train_stage(out / "generator", gen_cfg, train_generator, before.get("generator"))
     t2 = time.time()
 
-    tokenizer = load_tokenizer(out / "tokenizer")
+    tokenizer = load_tokenizer(out / TOKENIZER_DIR)
     real = val_batch(open_split(tok_cfg, "val", tokenizer.config.image_size), 8)
     reconstruction_grid(real, tokenizer.decode(tokenizer.encode(real)).clamp(-1, 1),
                         path=images / f"{name}_reconstructions.png")
@@ -132,11 +133,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = {"size": size, "seconds": {"tokenizer": round(t_tok, 1), "generator": round(t_gen, 1),
                                          "sampling_and_scoring": round(t_rest, 1),
                                          "total": round(t_tok + t_gen + t_rest, 1)},
-               "checkpoints": {"tokenizer": str(out / "tokenizer"), "generator": str(out / "generator")},
+               "checkpoints": {"tokenizer": str(out / TOKENIZER_DIR), "generator": str(out / "generator")},
                "images": [str(images / f"{name}_samples.png"), str(images / f"{name}_reconstructions.png")],
                "attribute_accuracy": accuracy, "holdout": cfg.holdout,
                "guidance_scale": cfg.guidance_scale, "sizes": DEMO_SIZES[size]}
-    write_json(out / "demo.json", summary)
+    write_json(out / DEMO_NAME, summary)
     return summary
 
 
@@ -147,9 +148,9 @@ _SAME_RUN_KEYS = ("data", "preset", "steps", "batch_size", "lr", "synthetic_leng
 
 def _check_same_run(run_dir: Path, config) -> None:
     """config: the stage's training config. A key an older run.json lacks counts as its default."""
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / RUN_JSON).is_file():
         return
-    old = json.loads((run_dir / "run.json").read_text()).get("config", {})
+    old = json.loads((run_dir / RUN_JSON).read_text()).get("config", {})
     now, defaults = dataclasses.asdict(config), {f.name: f.default for f in dataclasses.fields(config)}
     was = {k: old.get(k, defaults[k]) for k in _SAME_RUN_KEYS if k in now}
     changed = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now[k]]
@@ -161,6 +162,6 @@ def _check_same_run(run_dir: Path, config) -> None:
 def _finished(run_dir: Path, steps: int) -> bool:
     """A stage whose exported model exists and whose newest checkpoint reached `steps` is skipped."""
     done = Checkpoints(run_dir).complete()
-    if not done or not (run_dir / "config.json").exists():
+    if not done or not (run_dir / CONFIG_NAME).exists():
         return False
     return json.loads((done[-1] / "state.json").read_text()).get("step", 0) >= steps

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from parti.checkpoint import CACHE_DIR, GRID_GLOB, MANIFEST_NAME, SAMPLES_DIR, TOKENIZER_DIR
 from parti.data import find_columns, open_source, to_tensor
 from parti.device import choose_mixed_precision, detect_device
 from parti.errors import PartiError
@@ -145,7 +146,7 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
     if common.get("mixed_precision", "auto") == "auto":
         # By compute capability: bf16 on Ampere and newer, fp16 on a T4 (bf16 is only emulated there), fp32 on CPU.
         common["mixed_precision"] = choose_mixed_precision()
-    tok_dir, gen_dir = Path(out) / "tokenizer", Path(out) / "generator"
+    tok_dir, gen_dir = Path(out) / TOKENIZER_DIR, Path(out) / "generator"
     tok_cfg = TokenizerTrainConfig(**{**common, **tok, "out": str(tok_dir)})
     gen_cfg = GeneratorTrainConfig(**{**common, "data": tok_cfg.data, **gen, "out": str(gen_dir),
                                       "tokenizer": str(tok_dir)})
@@ -174,7 +175,7 @@ def fetch_data(run: NotebookRun, *, source: str | None = None) -> None:
         source = str(kept)
     fetch_ffhq_thumbnails(run.tokenizer.data, source=source, keep_copy=run.drive if source is None else None)
     data = run.generator.data
-    if data.startswith("hf:") and not (run.generator_dir / "cache" / "manifest.json").is_file():
+    if data.startswith("hf:") and not (run.generator_dir / CACHE_DIR / MANIFEST_NAME).is_file():
         dataset_snapshot(data[3:])
 
 
@@ -287,7 +288,7 @@ def latest_grid(run_dir: str | Path):
     """The newest grid a training run drew (RUN/samples/step_*.png) as a PIL image."""
     from PIL import Image
 
-    grids = sorted(Path(run_dir, "samples").glob("step_*.png"))  # zero-padded steps: name order is step order
+    grids = sorted(Path(run_dir, SAMPLES_DIR).glob(GRID_GLOB))  # zero-padded steps: name order is step order
     if not grids:
         raise PartiError(f"{run_dir} has no sample grids yet; they appear every sample_every steps")
     with Image.open(grids[-1]) as image:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from parti.checkpoint import read_tensors
+from parti.checkpoint import CONFIG_NAME, METRICS_NAME, SAMPLES_DIR, WEIGHTS_NAME, read_tensors
 from parti.errors import PartiError
 from parti.files import atomic_write, read_json
 from parti.metrics import usage_from_counts
-from parti.runs import METRICS_NAME, SAMPLES_DIR, read_metrics, save_image
+from parti.runs import read_metrics, save_image
 
 FILL = 255  # white padding between tiles
 FONT_SIZE = 14
@@ -390,7 +390,7 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
 
 def _codebook_usage(run_dir: Path):
     """A tokenizer run's per-code usage (the quantizer's EMA of codes per batch), or None."""
-    config, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    config, weights = run_dir / CONFIG_NAME, run_dir / WEIGHTS_NAME
     if not (config.exists() and weights.exists()) or read_json(config).get("kind") != "tokenizer":
         return None
     return read_tensors(weights).get("quantizer.usage_ema")

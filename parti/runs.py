@@ -31,24 +31,29 @@ from typing import Any
 
 import torch
 
-from parti.checkpoint import CONFIG_NAME, MODEL_KINDS
+from parti.checkpoint import (
+    CACHE_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    METRICS_NAME,
+    MODEL_KINDS,
+    RUN_JSON,
+    SAMPLES_DIR,
+)
 from parti.device import choose_mixed_precision, detect_device
 from parti.errors import PartiError
 from parti.files import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-RUN_JSON = "run.json"
-METRICS_NAME = "metrics.jsonl"
-SAMPLES_DIR = "samples"
-CHECKPOINTS_DIR = "checkpoints"
 VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "numpy", "parti")
 RUN_KIND = "parti_run"  # run.json's marker: a folder whose run.json lacks it is not ours to write
 LOCK_NAME = ".parti.lock"
 # What may sit in a run folder before its run.json exists: the code cache a generator run encodes first
 # and our own hidden files (the lock, an export's staging folder).
-PRE_RUN_ENTRIES = ("cache",)
-CACHE_ENTRIES = ("manifest.json", "train", "val")
+PRE_RUN_ENTRIES = (CACHE_DIR,)
+CACHE_ENTRIES = (MANIFEST_NAME, "train", "val")
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 

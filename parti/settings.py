@@ -3,7 +3,8 @@
 `setting(default, "help", minimum=..., choices=...)` is the one place a setting is defined. The CLI builds
 its flags and `--help` from these fields, the notebook and the demo override them by name, and
 `check_settings` validates every value (type, finiteness, range, choices) with one-line errors, so a
-config built from Python, a flag or a JSON file is checked the same way.
+config built from Python, a flag or a JSON file is checked the same way. A `tuple[X, ...]` field is a
+repeatable setting (a flag given once per item); a dataclass-typed field nests another settings object.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ INT_LIMIT = 2**63 - 1
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
             minimum: float | None = None, maximum: float | None = None, above: float | None = None,
-            required: bool = False) -> Any:
-    """A dataclass field: `minimum`/`maximum` are inclusive bounds, `above` an exclusive lower bound;
-    `required` (with a None default): the value must be given (a required flag on the command line).
+            required: bool = False, flag: str | None = None, positional: bool = False) -> Any:
+    """A dataclass field: `minimum`/`maximum` are inclusive bounds, `above` an exclusive lower bound (of each
+    item, for a `tuple[X, ...]` field); `required` (with a None default): the value must be given (a required
+    flag on the command line). `flag`: the command line's name when it is not --FIELD-NAME (`--prompt` for a
+    repeatable `prompts`); `positional`: a positional argument on the command line instead of a flag.
 
     A field that redeclares a parent's field with another default may leave `help` and bounds empty: they
     are inherited (`field_info`)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above,
-            "required": required or None}
+            "required": required or None, "flag": flag, "positional": positional or None}
     return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, "")})
 
 
@@ -48,8 +51,24 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def flag_name(cls: type, name: str) -> str:
+    """How the command line spells field `name` of `cls`: --num-images, or its `setting(flag=...)`."""
+    return field_info(cls, name).get("flag") or "--" + name.replace("_", "-")
+
+
+def item_type(hint: Any) -> type | None:
+    """The item type X of a repeatable setting `tuple[X, ...]`; None for any other hint."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 def base_type(hint: Any) -> tuple[type, bool]:
-    """(the value type, whether None is allowed) of a hint such as `int`, `float | None`, `str | None`."""
+    """(the value type, whether None is allowed) of a hint such as `int`, `float | None`, `str | None`;
+    `tuple` for a repeatable `tuple[X, ...]` (see `item_type`)."""
+    if item_type(hint) is not None:
+        return tuple, False
     args = typing.get_args(hint)
     if args:
         kinds = [a for a in args if a is not type(None)]
@@ -64,17 +83,31 @@ def check_settings(obj: Any) -> None:
     for f in dataclasses.fields(obj):
         value, (kind, optional) = getattr(obj, f.name), base_type(hints[f.name])
         info = field_info(type(obj), f.name)
-        name = f"{f.name} (--{f.name.replace('_', '-')})"
+        name = f"{f.name} ({flag_name(type(obj), f.name)})"
         if dataclasses.is_dataclass(kind):
             continue  # a nested settings object checks itself
         if value is None:
             if not optional or info.get("required"):
                 raise PartiError(f"{name} must be given")
             continue
-        if kind is str and isinstance(value, os.PathLike):
-            value = os.fspath(value)  # a Path where a folder name is asked for
-            setattr(obj, f.name, value)
-        _check_value(name, value, kind, info)
+        if kind is tuple:
+            value = _check_items(name, value, item_type(hints[f.name]), info)
+        else:
+            if kind is str and isinstance(value, os.PathLike):
+                value = os.fspath(value)  # a Path where a folder name is asked for
+            _check_value(name, value, kind, info)
+        if value is not getattr(obj, f.name):
+            object.__setattr__(obj, f.name, value)  # the normalised value (frozen dataclasses too)
+
+
+def _check_items(name: str, value: Any, kind: type, info: dict[str, Any]) -> tuple:
+    """A repeatable setting: a list or tuple (not a lone string) whose every item is checked; -> a tuple."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise PartiError(f"{name} must be a list, got {value!r}")
+    items = tuple(os.fspath(v) if kind is str and isinstance(v, os.PathLike) else v for v in value)
+    for item in items:
+        _check_value(f"{name} item", item, kind, info)
+    return items
 
 
 def _check_value(name: str, value: Any, kind: type, info: dict[str, Any]) -> None:

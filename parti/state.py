@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from parti.checkpoint import read_tensors, write_tensors
+from parti.checkpoint import (
+    CHECKPOINTS_DIR,
+    METRICS_NAME,
+    RUN_JSON,
+    TEXT_ENCODER_DIR,
+    TOKENIZER_DIR,
+    read_tensors,
+    write_tensors,
+)
 from parti.errors import PartiError
 from parti.files import read_json, write_json
 
@@ -94,11 +102,11 @@ def check_continuation(out: str | Path, *, resume: bool, inputs: dict[str, Any])
     or a resumed run asked to learn from other `inputs` (setting name -> value) than it started with: a model
     trained from two sources by accident. Whose folder it is, and its stage, is `claim_run_folder`'s check."""
     out = Path(out)
-    run_json = out / "run.json"
+    run_json = out / RUN_JSON
     if not run_json.is_file():
         return
-    metrics = out / "metrics.jsonl"
-    progress = (metrics.is_file() and metrics.stat().st_size > 0) or any((out / "checkpoints").glob("step_*"))
+    metrics = out / METRICS_NAME
+    progress = (metrics.is_file() and metrics.stat().st_size > 0) or any((out / CHECKPOINTS_DIR).glob("step_*"))
     if progress and not resume:
         raise PartiError(f"{out} already holds this run; pass --resume to continue it, or choose another --out "
                          f"to start afresh")
@@ -186,7 +194,7 @@ class Checkpoints:
 def remove_temporaries(run_dir: str | Path) -> None:
     """Temporary files (.NAME.XXXX.tmp) that a save killed mid-write left beside the exported models."""
     root = Path(run_dir)
-    for folder in (root, root / "text_encoder", root / "tokenizer"):
+    for folder in (root, root / TEXT_ENCODER_DIR, root / TOKENIZER_DIR):
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 

@@ -23,7 +23,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from parti.checkpoint import SPM_NAME, check_folder, config_from_dict, fingerprint_state, load_model_weights, save_model
+from parti.checkpoint import (
+    CONFIG_NAME,
+    SPM_NAME,
+    check_folder,
+    config_from_dict,
+    fingerprint_state,
+    load_model_weights,
+    save_model,
+)
 from parti.errors import PartiError
 from parti.files import atomic_write
 from parti.hub import is_local_path
@@ -177,7 +185,7 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = MAX_T
     name = str(path) if is_local else T5_ALIASES.get(name_or_path, name_or_path)
     # identity() records the folder's name only: machine paths stay out of caches and checkpoints.
     label = path.resolve().name if is_local else name
-    if is_local and not (path / "config.json").is_file():
+    if is_local and not (path / CONFIG_NAME).is_file():
         raise PartiError(f"could not load T5 from folder {path}: it holds no config.json; pass a folder holding "
                          f"config.json, model.safetensors and the tokenizer files")
     local_only = is_local if local_files_only is None else local_files_only

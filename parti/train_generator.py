@@ -22,7 +22,16 @@ from torch import nn
 
 from parti import text as text_mod
 from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache
-from parti.checkpoint import atomic_export, config_from_dict
+from parti.checkpoint import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    SAMPLES_DIR,
+    TEXT_ENCODER_DIR,
+    TOKENIZER_DIR,
+    atomic_export,
+    config_from_dict,
+    grid_name,
+)
 from parti.data import open_source
 from parti.distributed import on_main, replicas_agree
 from parti.errors import PartiError
@@ -150,7 +159,7 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
 
 def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig) -> None:
     """OUT/cache is this run's: made from the same data, else refused (an earlier run with another --data)."""
-    made = read_json(cache_dir / "manifest.json")
+    made = read_json(cache_dir / MANIFEST_NAME)
     if made.get("data") != cfg.data or bool(made.get("holdout")) != cfg.holdout:
         raise PartiError(f"{cache_dir} was encoded from --data {made.get('data')!r} (holdout {made.get('holdout')}), "
                          f"not {cfg.data!r}; delete {cache_dir} to encode the new data, or choose another --out")
@@ -255,7 +264,7 @@ class GeneratorStage(Stage):
                             device=acc.device)
             result = pipe(prompts, SamplingParams(guidance_scale=cfg.guidance_scale), num_images_per_prompt=4, seed=0)
             sample_grid(result.images.float().cpu(), prompts, images_per_prompt=4,
-                        path=Path(cfg.out) / "samples" / f"step_{step:07d}.png")
+                        path=Path(cfg.out) / SAMPLES_DIR / grid_name(step))
         val = sum(losses) / len(losses)
         return {"val_loss": val, "val_perplexity": float(torch.exp(torch.tensor(val)))}
 
@@ -284,10 +293,10 @@ class GeneratorStage(Stage):
             generator.load_state_dict(self.ema.shadow)
         with atomic_export(out) as stage:  # generator, tokenizer and text encoder appear together or not at all
             if self.trainable is not None:
-                text_mod.save_text_encoder(self.trainable, stage / "text_encoder")
+                text_mod.save_text_encoder(self.trainable, stage / TEXT_ENCODER_DIR)
                 self.export_record["text_encoder"] = self.trainable.identity()
-            if not (out / "tokenizer" / "config.json").exists():
-                save_tokenizer(self.tokenizer, stage / "tokenizer")
+            if not (out / TOKENIZER_DIR / CONFIG_NAME).exists():
+                save_tokenizer(self.tokenizer, stage / TOKENIZER_DIR)
             save_generator(generator, stage, extra=self.export_record)
 
     def trained_modules(self):

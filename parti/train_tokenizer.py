@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from parti import data as data_mod
-from parti.checkpoint import atomic_export
+from parti.checkpoint import SAMPLES_DIR, atomic_export, grid_name
 from parti.distributed import average_gradients, global_codebook_stats, reduce_logs, replicas_agree, total_over_ranks
 from parti.errors import PartiError
 from parti.loop import Stage, TrainConfig, fit
@@ -164,7 +164,7 @@ class TokenizerStage(Stage):
         recon = torch.cat([self.raw(val[i:i + 32]).reconstruction for i in range(0, len(val), 32)])
         if self.acc.is_main_process:
             reconstruction_grid(val[:8].cpu(), recon[:8].float().cpu(), title=f"step {step}",
-                                path=Path(self.cfg.out) / "samples" / f"step_{step:07d}.png")
+                                path=Path(self.cfg.out) / SAMPLES_DIR / grid_name(step))
         return {"val_psnr": float(psnr(recon.float().clamp(-1, 1), val).mean()),
                 "val_l1": float((recon.float() - val).abs().mean())}
 
