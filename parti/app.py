@@ -1,24 +1,25 @@
 """The web demo: a Gradio page over a loaded pipeline (prompts, sampling settings, Generate, a grid of images).
 
-`build_app(pipe)` returns the `gr.Blocks`; `parti serve --checkpoint DIR_OR_REPO` loads a pipeline and
-launches it, and a Hugging Face Space's app.py does the same in three lines (docs/hub_and_app.md). The
-sampling settings are validated by `SamplingParams`, so the page shows the CLI's one-line messages.
-Gradio is an optional extra (`pip install -e ".[app]"`) imported only inside `build_app` and `cmd_serve`.
+`build_app(pipe)` returns the `gr.Blocks` and `launch` serves it; `parti serve --checkpoint DIR_OR_REPO`
+(settings: `ServeConfig`) loads a pipeline and launches it, and a Hugging Face Space's app.py does the same in
+three lines (docs/hub_and_app.md). The sampling settings are validated by `SamplingParams`, so the page shows
+the CLI's one-line messages. Gradio is an optional extra (`pip install -e ".[app]"`) imported only inside
+`build_app` and `require_gradio`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
-from parti.device import SAMPLING_DTYPES
 from parti.errors import PartiError
-from parti.pipeline import load_pipeline
+from parti.pipeline import LoadOptions
 from parti.plots import to_pil
 from parti.sampling import SamplingParams
+from parti.settings import check_settings, setting
 from parti.text import TruncationWarning
 
 INSTALL_HINT = 'the web demo needs gradio: pip install -e ".[app]" (or pip install gradio)'
@@ -130,24 +131,27 @@ def build_app(pipe, *, title: str = "parti: text to faces"):
     return app
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+@dataclass
+class ServeConfig:
+    """`parti serve`: the generator `load` names, served by `launch` on `host`:`port`."""
+
+    load: LoadOptions
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(7860, "port to listen on", minimum=1, maximum=65535)
+    share: bool = setting(False, "also open a public gradio.live link (Colab)")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+def require_gradio() -> None:
+    """A one-line PartiError when Gradio is missing: checked before a checkpoint loads, so it comes at once."""
     try:
-        import gradio  # noqa: F401  (checked before the checkpoint loads: the error comes at once)
+        import gradio  # noqa: F401
     except ImportError:
         raise PartiError(INSTALL_HINT) from None
 
-    pipe = load_pipeline(args.checkpoint, device=args.device, dtype=args.dtype)
-    build_app(pipe).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
-
-def add_serve_parser(sub) -> None:
-    """Register `parti serve` on the CLI's subparsers."""
-    p = sub.add_parser("serve", help="a web demo (Gradio) of a generator folder or Hub repo")
-    p.add_argument("--checkpoint", required=True, help="generator run folder, or Hub repo id user/name[@revision]")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (Colab)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=SAMPLING_DTYPES,
-                   help="generator weights while sampling (auto: bf16 on GPUs that have it, else fp32)")
-    p.set_defaults(func=cmd_serve)
+def launch(pipe, *, host: str, port: int, share: bool) -> None:
+    """Serve the demo page over `pipe` (one request at a time) until interrupted."""
+    build_app(pipe).queue().launch(server_name=host, server_port=port, share=share)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from parti import data as data_mod
 from parti.device import default_device
 from parti.errors import PartiError
 from parti.files import atomic_write, fsync_dir, read_json, write_json
+from parti.settings import check_settings, setting
 from parti.synthetic import DEFAULT_LENGTH
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
@@ -100,14 +102,41 @@ def _check_encode_args(*, batch_size: int, shard_size: int, max_items: int | Non
         raise PartiError(f"encode: splits must be among {list(SPLITS)}, got {list(splits)}")
 
 
+@dataclass
+class EncodeConfig:
+    """`parti encode`: the arguments of `encode_dataset`, with the text encoder by name. Counts are bounded
+    where `encode_dataset` checks them (`_check_encode_args`), so Python callers get the same messages."""
+
+    data: str | None = setting(None, "synthetic, a folder, hf:NAME or a dataset path", required=True)
+    tokenizer: str | None = setting(None, "tokenizer folder", required=True)
+    out: str | None = setting(None, "cache folder to write", required=True)
+    text_encoder: str = setting("trainable", "trainable (cache captions only) or a frozen T5: "
+                                "t5-small|t5-base|t5-large|hub name|folder")
+    batch_size: int = setting(64, "images per batch")
+    device: str | None = setting(None, "cpu, cuda, ... (default: a GPU when there is one)")
+    synthetic_length: int = setting(DEFAULT_LENGTH, "synthetic faces in the training split")
+    holdout: bool = setting(False, "synthetic: leave out the held-out (hair, background) pairs, as "
+                            "`parti train-generator --holdout`")
+    num_workers: int = setting(0, "data loader processes")
+    image_column: str | None = setting(None, "table data: the image column")
+    caption_column: str | None = setting(None, "table data: the caption column")
+    max_items: int | None = setting(None, "encode at most this many items per split (default: all)")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
 @torch.no_grad()
 def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_encoder=None,
+                   tokenizer_model: VQTokenizer | None = None, require_captions: bool = False,
                    splits: tuple[str, ...] = ("train", "val"), batch_size: int = 64, shard_size: int = 10000,
                    device: str | torch.device | None = None, synthetic_length: int = DEFAULT_LENGTH, seed: int = 0,
                    holdout: bool = False, image_column: str | None = None, caption_column: str | None = None,
                    max_items: int | None = None, num_workers: int = 0, progress: bool = True) -> Path:
     """Encode `data` with the tokenizer folder `tokenizer` (and a frozen `text_encoder`) into `out`.
 
+    tokenizer_model: the tokenizer of folder `tokenizer`, already loaded (stage 2 passes its own: loaded once).
+    require_captions: refuse caption-less data before anything is written (stage 2 learns from captions).
     holdout: synthetic faces without the held-out (hair, background) pairs (recorded in the manifest).
     num_workers: DataLoader processes that decode/render images while the tokenizer runs.
     Shards are written first and the manifest, which lists every shard file with its size and sha256,
@@ -116,11 +145,19 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
     _check_encode_args(batch_size=batch_size, shard_size=shard_size, max_items=max_items, num_workers=num_workers,
                        splits=tuple(splits))
     device = default_device(device)
-    tok: VQTokenizer = load_tokenizer(tokenizer, device=device)
+    tok = tokenizer_model.to(device) if tokenizer_model is not None else load_tokenizer(tokenizer, device=device)
     if tok.config.codebook_size > 65536:
         raise PartiError("codebooks above 65536 codes do not fit the uint16 cache")
     if text_encoder is not None and getattr(text_encoder, "trainable", False):
         text_encoder = None  # a trainable encoder runs inside training; only captions are cached
+    sources = {split: data_mod.open_source(data, split=split, image_size=tok.config.image_size,
+                                           image_column=image_column, caption_column=caption_column, seed=seed,
+                                           holdout=holdout,
+                                           synthetic_length=synthetic_length if split == "train" else None)
+               for split in splits}
+    if require_captions and not sources.get("train", next(iter(sources.values()))).has_captions:
+        raise PartiError(f"{data} has no captions, and the generator learns from them; give captioned data "
+                         f"(or --caption-column COLUMN for a table)")
     out = Path(out)
     _prepare_out(out)
     manifest: dict[str, Any] = {
@@ -130,10 +167,7 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
         "text_encoder": text_encoder.identity() if text_encoder is not None else None,
         "text_dim": getattr(text_encoder, "dim", None), "holdout": holdout, "splits": {},
     }
-    for split in splits:
-        source = data_mod.open_source(data, split=split, image_size=tok.config.image_size, image_column=image_column,
-                                      caption_column=caption_column, seed=seed, holdout=holdout,
-                                      synthetic_length=synthetic_length if split == "train" else None)
+    for split, source in sources.items():
         n_items = len(source) if max_items is None else min(len(source), max_items)
         loader = DataLoader(torch.utils.data.Subset(source, list(range(n_items))), batch_size=batch_size,
                             collate_fn=data_mod.collate, num_workers=num_workers,
@@ -209,7 +243,7 @@ class CodeCache(Dataset):
         if not is_cache(self.root):
             raise PartiError(f"{self.root} is not a code cache (no {MANIFEST}: missing, or an encode that was "
                              f"stopped); create one with `parti encode`")
-        self.manifest = _read_manifest(self.root)
+        self.manifest = read_manifest(self.root)
         splits = self.manifest["splits"]
         if split not in splits:
             raise PartiError(f"cache {self.root} has no {split!r} split; it has {sorted(splits)}")
@@ -273,7 +307,7 @@ def _is_int(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path) -> dict[str, Any]:
     """manifest.json with every field the loader relies on checked for type and range."""
     m = read_json(root / MANIFEST)
     if m.get("kind") != "code_cache":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from parti import synthetic
+from parti.checkpoint import EVAL_NAME, EVAL_TOKENIZER_NAME
 from parti.data import collate, open_source
 from parti.device import default_device
 from parti.errors import PartiError
@@ -64,10 +65,10 @@ def _check_count(name: str, value: int, minimum: int) -> None:
 
 
 @dataclass
-class TokenizerEvalConfig:
-    """What `evaluate_tokenizer` scores: the first `num_images` readable images of `data`'s val split."""
+class EvalConfig:
+    """What both evaluations share: a checkpoint, the held-out split they score and the metric networks."""
 
-    checkpoint: str | None = setting(None, "tokenizer folder (or a generator folder: its tokenizer/)", required=True)
+    checkpoint: str | None = setting(None, "the folder to evaluate", required=True)
     data: str | None = setting(None, "synthetic, a folder, hf:NAME or a dataset path (its val split)", required=True)
     num_images: int = setting(1000, "held-out images to score", minimum=2, maximum=10**7)
     batch_size: int = setting(32, "images per batch", minimum=1, maximum=1 << 16)
@@ -75,24 +76,33 @@ class TokenizerEvalConfig:
     inception: str | None = setting(None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: "
                                     "the cache, else one download")
     download: bool = setting(True, "download missing metric weights (off: those metrics read n/a)")
-    seed: int = setting(0, "dataset seed (the synthetic faces)", minimum=0)
+    data_seed: int = setting(0, "dataset seed (the synthetic faces)", minimum=0)
     image_column: str | None = setting(None, "table data: the image column")
     caption_column: str | None = setting(None, "table data: the caption column")
-    vgg_weights: str | None = setting(None, "VGG16 weights for LPIPS (vgg16-397923af.pth or .safetensors)")
+    out: str | None = setting(None, "JSON file for the results (default: in the checkpoint folder)")
 
     def __post_init__(self):
         check_settings(self)
 
 
 @dataclass
-class GeneratorEvalConfig(TokenizerEvalConfig):
+class TokenizerEvalConfig(EvalConfig):
+    """What `evaluate_tokenizer` scores: the first `num_images` readable images of `data`'s val split."""
+
+    checkpoint: str | None = setting(None, "tokenizer folder (or a generator folder: its tokenizer/)", required=True)
+    out: str | None = setting(None, f"JSON file for the results (default: CHECKPOINT/{EVAL_TOKENIZER_NAME})")
+    vgg_weights: str | None = setting(None, "VGG16 weights for LPIPS (vgg16-397923af.pth or .safetensors)")
+
+
+@dataclass
+class GeneratorEvalConfig(EvalConfig):
     """What `evaluate_generator` scores: validation loss on `num_images` held-out items, FID and CLIP score of
     as many generated images, and on the synthetic faces attribute accuracy."""
 
     checkpoint: str | None = setting(None, "generator run folder", required=True)
+    out: str | None = setting(None, f"JSON file for the results (default: CHECKPOINT/{EVAL_NAME})")
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     seed: int = setting(0, "sampling (and attribute-prompt) seed", minimum=0)
-    data_seed: int = setting(0, "dataset seed (the synthetic faces)", minimum=0)
     fixed_prompts: bool = setting(False, "generate from parti.prompts' fixed evaluation list instead of the "
                                   "held-out captions")
     attribute_prompts: int = setting(200, "synthetic: attribute-accuracy prompts (0: skip)", minimum=0,
@@ -177,11 +187,11 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig, *, inception: Any = None) -> di
 
     inception: a built feature extractor (tests) instead of `cfg.inception`'s weights.
     """
-    checkpoint, data, num_images, batch_size, seed = cfg.checkpoint, cfg.data, cfg.num_images, cfg.batch_size, cfg.seed
+    checkpoint, data, num_images, batch_size = cfg.checkpoint, cfg.data, cfg.num_images, cfg.batch_size
     allow_download, inception = cfg.download, inception or cfg.inception
     t0, dev = time.time(), default_device(cfg.device)
     tokenizer = load_tokenizer(_tokenizer_folder(checkpoint), device=dev)
-    source = open_source(data, split="val", image_size=tokenizer.config.image_size, seed=seed,
+    source = open_source(data, split="val", image_size=tokenizer.config.image_size, seed=cfg.data_seed,
                          image_column=cfg.image_column, caption_column=cfg.caption_column)
     errors: dict[str, str] = {}
     lpips = _attempt(errors, "lpips", lambda: _load_lpips(cfg.vgg_weights, allow_download=allow_download,
@@ -217,7 +227,7 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig, *, inception: Any = None) -> di
     }
     results["seconds"] = round(time.time() - t0, 1)
     results["errors"] = errors
-    results["settings"] = {"checkpoint": str(checkpoint), "data": data, "split": "val", "seed": seed,
+    results["settings"] = {"checkpoint": str(checkpoint), "data": data, "split": "val", "data_seed": cfg.data_seed,
                            "image_size": tokenizer.config.image_size, "device": str(dev)}
     return results
 

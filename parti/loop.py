@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from parti.batches import batch_stream
 from parti.checkpoint import finish_export
 from parti.distributed import make_accelerator, on_main, total_over_ranks
-from parti.errors import PartiError
+from parti.errors import PartiError, say
 from parti.optim import NonFiniteGuard, lr_at, set_lr
 from parti.runs import MetricsLogger, RunFolder, RunLock, check_output_not_inside, claim_run_folder
 from parti.settings import check_settings, setting
@@ -77,7 +77,7 @@ class TrainConfig:
                                    choices=PRECISIONS)
     cpu: bool = setting(False, "train on the CPU even when a GPU is present")
     num_workers: int = setting(0, "data loader processes", minimum=0, maximum=256)
-    synthetic_length: int = setting(DEFAULT_LENGTH, "synthetic faces in the training split", minimum=1, maximum=10**9)
+    synthetic_length: int = setting(DEFAULT_LENGTH, "synthetic faces in the training split", minimum=0, maximum=10**9)
     holdout: bool = setting(False, "synthetic: leave the (hair, background) pairs of HOLDOUT_COMBINATIONS out")
     image_column: str | None = setting(None, "table data: the image column (default: found from the data)")
     caption_column: str | None = setting(None, "table data: the caption column (default: found from the data)")
@@ -108,6 +108,10 @@ class Stage:
     def reads(cls, cfg: TrainConfig) -> tuple[str, ...]:
         """Folders the run reads, which its --out must not overwrite (the generator's --tokenizer)."""
         return ()
+
+    @classmethod
+    def check_inputs(cls, cfg: TrainConfig) -> None:
+        """Refuse inputs that cannot make a good run (an unfinished tokenizer), before any work."""
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Load weights and optimizer state from a checkpoint (the RNG and position are `fit`'s)."""
@@ -163,6 +167,7 @@ def fit(stage_cls: type[Stage], cfg: TrainConfig) -> Path:
     Before anything is written: --out must be ours (missing, empty, or a run of this stage), lie outside the
     folders the run reads and outside every other model's folder, and not be in use by another training
     (a lock file, taken over from a dead process)."""
+    stage_cls.check_inputs(cfg)
     acc = make_accelerator(cfg.mixed_precision, cpu=cfg.cpu)
     out = Path(cfg.out)
     check_output_not_inside(out, *stage_cls.reads(cfg))
@@ -203,15 +208,18 @@ def _fit(stage_cls: type[Stage], cfg: TrainConfig, acc, out: Path) -> Path:
         remove_temporaries(out)
         finish_export(out)  # an export a kill interrupted after its commit point
         _export(stage)  # and rewritten from the checkpoint, whatever a kill left
+    if run is not None and at.step >= cfg.steps:
+        run.record_progress(at.step, cfg.steps)  # a finished run resumed: nothing to train, still finished
     try:
-        _loop(stage, cfg, ckpts, metrics, at)
+        _loop(stage, cfg, ckpts, metrics, at, run)
     finally:
         if metrics is not None:
             metrics.close()
     return out
 
 
-def _loop(stage: Stage, cfg: TrainConfig, ckpts: Checkpoints, metrics: MetricsLogger | None, at: Position) -> None:
+def _loop(stage: Stage, cfg: TrainConfig, ckpts: Checkpoints, metrics: MetricsLogger | None, at: Position,
+          run: RunFolder | None) -> None:
     acc = stage.acc
     stream = batch_stream(stage.train_set, stage.collate, batch_size=cfg.batch_size, seed=cfg.seed, epoch=at.epoch,
                           start=at.position, rank=acc.process_index, world=acc.num_processes,
@@ -246,9 +254,12 @@ def _loop(stage: Stage, cfg: TrainConfig, ckpts: Checkpoints, metrics: MetricsLo
             if at.step % cfg.save_every == 0 or last or stopping:
                 _report(stage.guards)  # a run of non-finite losses stops here, before the save
                 _save(stage, ckpts, at)
+                if run is not None:
+                    run.record_progress(at.step, cfg.steps)
                 acc.wait_for_everyone()
             if stopping:
-                log.warning("stopped at step %d; rerun with --resume to continue", at.step)
+                log.warning("stopped at step %d of %d, saved; %s", at.step, cfg.steps,
+                            say(cli="rerun with --resume to continue", notebook="run this cell again to continue"))
                 break
     bar.close()
 

@@ -14,18 +14,21 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from parti.checkpoint import CACHE_DIR, GRID_GLOB, MANIFEST_NAME, SAMPLES_DIR, TOKENIZER_DIR
 from parti.data import find_columns, open_source, to_tensor
 from parti.device import choose_mixed_precision, detect_device
-from parti.errors import PartiError
+from parti.errors import PartiError, set_audience
 from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
 from parti.fetch import FFHQ_MIRROR, fetch_ffhq_thumbnails
 from parti.hub import dataset_snapshot
 from parti.plots import sample_grid
 from parti.prompts import FFHQ_SAMPLE_PROMPTS, SYNTHETIC_SAMPLE_PROMPTS
+from parti.runs import run_progress
 from parti.train_generator import GeneratorTrainConfig
 from parti.train_tokenizer import TokenizerTrainConfig
 
@@ -107,7 +110,7 @@ def choose_dataset(choice: str) -> str:
     return "ffhq" if torch.cuda.is_available() and not constants.HF_HUB_OFFLINE and not small_mode() else "synthetic"
 
 
-def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool = False, drive_folder: str = "parti",
+def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool = True, drive_folder: str = "parti",
               data_dir: str = "data", tokenizer: dict | None = None, generator: dict | None = None,
               evaluation: dict | None = None, **common) -> NotebookRun:
     """The run the notebook's cells train: the `dataset` choice's sources (DATASETS), `common` settings (seed,
@@ -115,8 +118,8 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
     each; `text_encoder="auto"` keeps the dataset's), `evaluation` overrides of the evaluation configs.
 
     FFHQ's thumbnails go to DATA_DIR/ffhq128 on local disk (`fetch_data`). Run folders go to OUT/tokenizer and
-    OUT/generator; with `use_drive` on Colab, OUT is placed under MyDrive/<drive_folder>/ (elsewhere the flag
-    is ignored with a warning). Small mode ($PARTI_NOTEBOOK_SMALL=1) shrinks every size (SMALL) and writes
+    OUT/generator; with `use_drive` (the default) on Colab, Drive is mounted and OUT placed under
+    MyDrive/<drive_folder>/, so a new runtime continues there (elsewhere the flag is ignored). Small mode ($PARTI_NOTEBOOK_SMALL=1) shrinks every size (SMALL) and writes
     under $PARTI_NOTEBOOK_OUT. Mixed precision "auto" is resolved here, so the cell prints what runs.
     """
     kind = choose_dataset(dataset)
@@ -138,11 +141,11 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
         gen.update(SMALL["common"], **SMALL["generator"])
         ev.update(SMALL["eval"])
         out = os.environ.get(OUT_ENV) or SMALL_OUT
-    elif use_drive and in_colab():
+    if use_drive and in_colab():  # small mode too: a disconnect costs its few steps, nothing more
         drive = mount_drive() / drive_folder
         out = str(drive / out)
     elif use_drive:
-        logging.getLogger(__name__).warning("use_drive is for Colab; writing run folders to %s", out)
+        logging.getLogger(__name__).info("use_drive is for Colab; writing run folders to %s", out)
     if common.get("mixed_precision", "auto") == "auto":
         # By compute capability: bf16 on Ampere and newer, fp16 on a T4 (bf16 is only emulated there), fp32 on CPU.
         common["mixed_precision"] = choose_mixed_precision()
@@ -153,8 +156,9 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
     shared = {"seed": common.get("seed", 0), **ev}
     return NotebookRun(
         tokenizer=tok_cfg, generator=gen_cfg, small=small, dataset=kind, drive=drive,
-        tokenizer_eval=TokenizerEvalConfig(checkpoint=str(tok_dir), data=tok_cfg.data,
-                                           **{k: v for k, v in shared.items() if k != "attribute_prompts"}),
+        tokenizer_eval=TokenizerEvalConfig(checkpoint=str(tok_dir), data=tok_cfg.data, data_seed=shared["seed"],
+                                           **{k: v for k, v in shared.items()
+                                              if k not in ("seed", "attribute_prompts")}),
         generator_eval=GeneratorEvalConfig(checkpoint=str(gen_dir), data=gen_cfg.data, data_seed=shared["seed"],
                                            text_encoder_path=_local_folder(gen_cfg.text_encoder), **shared))
 
@@ -190,7 +194,9 @@ def mount_drive() -> Path:
 
 
 def show_logs(level: int = logging.INFO) -> None:
-    """Print parti's log lines (device, "resumed from step N", warnings) in the cell that produced them."""
+    """Print parti's log lines (device, "resumed from step N", warnings) in the cell that produced them, and
+    word parti's messages for a notebook (cells and parameters, not command-line flags)."""
+    set_audience("notebook")
     logger = logging.getLogger("parti")
     logger.setLevel(level)
     if not any(getattr(h, "_parti_notebook", False) for h in logger.handlers):
@@ -277,6 +283,26 @@ def _first_rows(repo_id: str, n: int) -> list:
                                           spec=repo_id)
     rows = table.slice(0, n).to_pylist()
     return [(Image.open(io.BytesIO(r[image_col]["bytes"])), r.get(caption_col) if caption_col else None) for r in rows]
+
+
+class CellStopped(PartiError):
+    """A training cell that stopped before its last step: raised so that Run all stops there too (the cells
+    below would otherwise run on an unfinished model). IPython shows the message alone, no traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"parti: {self}"]
+
+
+def train(train_fn: Callable[[Any], Path], config: Any) -> Path:
+    """Run a training cell: `train_fn(config)` resumed from the run's newest checkpoint (a new folder starts
+    afresh). When it returns before its last step (the stop button saved a checkpoint and stopped), raise
+    CellStopped, which stops Run all: a stage never starts on an unfinished one."""
+    out = train_fn(replace(config, resume=True))
+    progress = run_progress(out)
+    if progress is not None and not progress["finished"]:
+        raise CellStopped(f"{Path(out).name} stopped at step {progress['step']} of {progress['steps']} and saved "
+                          f"a checkpoint; run this cell again to continue (the cells below did not run)")
+    return out
 
 
 def example_prompts(run: NotebookRun) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ A generator run folder is self-contained:
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 
 from parti import text
 from parti.compiled import use_compile
-from parti.device import default_device, sampling_dtype
+from parti.device import SAMPLING_DTYPES, default_device, sampling_dtype
 from parti.errors import PartiError
 from parti.generator import Generator, load_generator
 from parti.hub import is_local_path, resolve_checkpoint
 from parti.sampling import SamplingParams, generate
+from parti.settings import check_settings, setting
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
 
@@ -48,7 +49,7 @@ MAX_IMAGES_PER_CALL = 10_000  # 1.8 GiB of fp32 images at 128 px: a FID sample i
 
 
 class Pipeline:
-    """compile: decode through the compiled step of `parti.decoding` (True, False or "auto": CUDA, and
+    """compile: decode through the compiled step of `parti.compiled` (True, False or "auto": CUDA, and
     CPUs where it measured faster); compiled once per process and batch shape, eager where unavailable."""
 
     def __init__(self, *, tokenizer: VQTokenizer, generator: Generator, text_encoder, device: torch.device,
@@ -154,9 +155,40 @@ def load_pipeline(folder: str | Path, *, device: str | torch.device | None = Non
                     compile=compile)
 
 
-def check_tokenizer(generator_folder: str | Path, tokenizer: VQTokenizer) -> None:
-    """Refuse to pair a generator with a tokenizer other than its own."""
-    _, data = load_generator(generator_folder)
-    if data.get("tokenizer_fingerprint") != tokenizer.fingerprint():
-        raise PartiError(f"generator {generator_folder} was trained with tokenizer {data.get('tokenizer_fingerprint')}, "
-                         f"not {tokenizer.fingerprint()}; use its own tokenizer/ folder")
+COMPILE_MODES = {"auto": "auto", "on": True, "off": False}  # LoadOptions.compile -> load_pipeline(compile=)
+
+
+@dataclass
+class LoadOptions:
+    """How a command loads a generator folder (`parti sample`, `parti serve`): the arguments of
+    `load_pipeline`, declared once; `compile` is spelled for the command line (COMPILE_MODES)."""
+
+    checkpoint: str | None = setting(None, "generator run folder, or Hub repo id user/name[@revision]", required=True)
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of a repo id --checkpoint (default: "
+                                   "its @revision, else main)")
+    device: str | None = setting(None, "cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    dtype: str = setting("auto", "generator weights while sampling (auto: bf16 on GPUs that have it, else fp32)",
+                         choices=SAMPLING_DTYPES)
+    compile: str = setting("auto", "decode through the compiled step (auto: on GPUs; on a CPU, 'on' compiles once "
+                           "per batch shape, tens of seconds, then samples faster)", choices=tuple(COMPILE_MODES))
+    text_encoder_path: str | None = setting(None, "local copy of the frozen T5 the generator was trained with")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass
+class SampleConfig:
+    """`parti sample`: a grid of `num_images` images for each prompt, from the generator `load` names."""
+
+    load: LoadOptions
+    prompts: tuple[str, ...] = setting((), "a prompt (repeat for several)", flag="--prompt")
+    num_images: int = setting(4, "images per prompt")  # bounded by the pipeline (MAX_IMAGES_PER_CALL)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = setting(0, "sampling seed")
+    out: str = setting("images/samples.png", "the grid's image file (.png, .jpg, .webp)")
+
+    def __post_init__(self):
+        check_settings(self)
+        if not self.prompts:
+            raise PartiError('no prompts given; pass --prompt "..." (repeatable)')

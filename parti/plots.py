@@ -12,6 +12,7 @@ so `plot_run` reading a run folder while training writes to it never sees half a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -28,6 +29,7 @@ from parti.errors import PartiError
 from parti.files import atomic_write, read_json
 from parti.metrics import usage_from_counts
 from parti.runs import read_metrics, save_image
+from parti.settings import check_settings, setting
 
 FILL = 255  # white padding between tiles
 FONT_SIZE = 14
@@ -253,12 +255,14 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def loss_curves(metrics_path_or_records: str | Path | Iterable[dict[str, Any]], *, keys: list[str] | None = None,
-                path: str | Path | None = None, smooth: int = 0) -> Any:
+                path: str | Path | None = None, smooth: int = 0, strict: bool = True) -> Any:
     """Each numeric key against step, one subplot per key, one line per split ("train" when unlabelled).
 
     Reads a metrics JSONL (a truncated last line is skipped) or takes its records. `keys` picks and orders
     the subplots (default: every numeric key but step/time/epoch); `smooth` > 1 overlays a trailing moving
     average of that many points on the faint raw curve. Returns a matplotlib Figure, saved to `path` if given.
+    strict=False (the notebook's plotting cells): a key not logged yet, or an empty log (a run stopped before
+    its first log step), is an empty panel that says so, never an error.
     """
     if isinstance(metrics_path_or_records, (str, Path)):
         source = str(metrics_path_or_records)
@@ -279,9 +283,9 @@ def loss_curves(metrics_path_or_records: str | Path | Iterable[dict[str, Any]], 
             steps.append(step)
             values.append(float(value))
     if keys is None:
-        keys = list(series)
+        keys = list(series) or ([] if strict else ["metrics"])
     missing = [k for k in keys if k not in series]
-    if missing:
+    if missing and strict:
         raise PartiError(f"{source} has no numeric values for {missing}; it has {sorted(series)}")
     if not keys:
         raise PartiError(f"{source} holds no numeric metrics yet; plot again once the run has logged a step")
@@ -291,6 +295,10 @@ def loss_curves(metrics_path_or_records: str | Path | Iterable[dict[str, Any]], 
     fig = _new_figure(width=4.2 * ncols, height=3.0 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
+        if key not in series:
+            ax.set_title(key)
+            ax.text(0.5, 0.5, "not logged yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+            continue
         for split, (steps, values) in sorted(series[key].items(), key=lambda kv: kv[0] != "train"):
             x, y = np.asarray(steps), np.asarray(values)
             if smooth > 1 and len(y) > 1:
@@ -352,6 +360,17 @@ def _latest_grids(samples: Path) -> dict[str, Path]:
         if name not in newest or step > newest[name][0]:
             newest[name] = (step, png)
     return {name: png for name, (step, png) in sorted(newest.items())}
+
+
+@dataclasses.dataclass
+class PlotConfig:
+    """`parti plot`: the arguments of `plot_run`."""
+
+    run_dir: str | None = setting(None, "a training run folder", required=True, positional=True)
+    out: str | None = setting(None, "folder for the pictures (default RUN_DIR/plots)")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[Path]:

@@ -24,6 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "numpy", "parti")
 RUN_KIND = "parti_run"  # run.json's marker: a folder whose run.json lacks it is not ours to write
 LOCK_NAME = ".parti.lock"
+# The lock is a lease: its holder touches it every HEARTBEAT_S while it trains. One not touched for LEASE_S is
+# stale on any host: a Colab runtime that disconnected (a new machine, a new hostname) cannot hold it forever.
+HEARTBEAT_S = 30.0
+LEASE_S = 180.0
 # What may sit in a run folder before its run.json exists: the code cache a generator run encodes first
 # and our own hidden files (the lock, an export's staging folder).
 PRE_RUN_ENTRIES = (CACHE_DIR,)
@@ -186,6 +191,12 @@ class RunFolder:
         self.config = data["config"]  # resolved config the run was created with (the old one on resume)
         self.mixed_precision = precision
 
+    def record_progress(self, step: int, steps: int) -> None:
+        """run.json's "progress": the step reached of the steps asked, and whether the run finished (reached its
+        last step). Stage 2 reads it to refuse a tokenizer whose training stopped early (`run_progress`)."""
+        self.info["progress"] = {"step": step, "steps": steps, "finished": step >= steps, "time": _now()}
+        write_json(self.path / RUN_JSON, self.info)
+
     @property
     def metrics_path(self) -> Path:
         return self.path / METRICS_NAME
@@ -202,6 +213,16 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r}, resumed={self.resumed})"
+
+
+def run_progress(folder: str | Path) -> dict[str, Any] | None:
+    """A run folder's progress ({"step", "steps", "finished"}) from its run.json, or None when the folder holds
+    no run record (a model copied or downloaded alone) or one from before progress was recorded."""
+    record = _read_run_json(Path(folder))
+    progress = (record or {}).get("progress")
+    if not isinstance(progress, dict) or not isinstance(progress.get("finished"), bool):
+        return None
+    return progress
 
 
 def is_parti_run(folder: str | Path) -> bool:
@@ -264,9 +285,11 @@ class RunLock:
     """An exclusive lock on a run folder: `with RunLock(run_dir): train...`.
 
     The lock file (run_dir/.parti.lock) is created with O_EXCL and names the pid, host, boot and start
-    time. A live holder is a one-line PartiError naming its pid; a lock left by a dead process on this
-    host (or by an earlier boot) is taken over. Take-overs are serialised by a second O_EXCL file, so two
-    starters never both remove a stale lock and both proceed.
+    time. It is a lease: while held, a daemon thread touches it every HEARTBEAT_S. A live holder is a one-line
+    PartiError naming it; a lock is taken over, with a log line, when its process is gone (this host), it
+    predates this boot, or it went LEASE_S without a heartbeat (any host: a dead Colab runtime's lock on
+    Drive). Take-overs are serialised by a second O_EXCL file, so two starters never both remove a stale lock
+    and both proceed.
     """
 
     def __init__(self, folder: str | Path):
@@ -274,6 +297,8 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self.held = False
         self._mine: dict[str, Any] = {}
+        self._stop_beating = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> RunLock:
         try:
@@ -285,12 +310,15 @@ class RunLock:
         for _ in range(5):
             if self._create():
                 self.held = True
+                self._start_heartbeat()
                 return self
             holder = _read_lock(self.path)
-            if holder is not None and not _lock_is_stale(holder):
+            if holder is not None and not _lock_is_stale(holder, age=_age(self.path)):
                 raise PartiError(f"{self.folder} is in use by another training (pid {holder.get('pid')} on "
-                                 f"{holder.get('host')}, since {holder.get('started')}); wait for it or stop it, or "
-                                 f"choose another --out")
+                                 f"{holder.get('host')}, since {holder.get('started')}, alive {_age(self.path):.0f} s "
+                                 f"ago); wait for it or stop it. A training that died elsewhere (a runtime that "
+                                 f"disconnected) releases it {LEASE_S / 60:.0f} min after its last sign of life: "
+                                 f"then start again")
             if holder is None and _age(self.path) < 30:
                 continue  # being written by a starter right now (O_EXCL create, then write): look again
             self._take_over(holder)
@@ -321,12 +349,33 @@ class RunLock:
             return
         try:
             if _read_lock(self.path) == stale:  # still the stale one, not a lock taken since
-                log.warning("taking over the stale lock %s left by pid %s", self.path, (stale or {}).get("pid"))
+                log.warning("taking over the stale lock %s left by pid %s on %s (last sign of life %.0f s ago)",
+                            self.path, (stale or {}).get("pid"), (stale or {}).get("host"), _age(self.path))
                 self.path.unlink(missing_ok=True)
         finally:
             guard.unlink(missing_ok=True)
 
+    def _start_heartbeat(self) -> None:
+        self._stop_beating.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="parti-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        """Touch the lock while it is ours; a lock someone took over (we were thought dead) is left alone."""
+        while not self._stop_beating.wait(HEARTBEAT_S):
+            if _read_lock(self.path) != self._mine:
+                log.warning("%s is no longer this training's lock (taken over); it is not refreshed", self.path)
+                return
+            try:
+                os.utime(self.path)
+            except OSError as e:  # a flaky network mount: try again at the next beat
+                log.warning("could not refresh %s: %s", self.path, e.strerror or e)
+
     def release(self) -> None:
+        self._stop_beating.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+            self._beat = None
         if self.held and _read_lock(self.path) == self._mine:
             self.path.unlink(missing_ok=True)
         self.held = False
@@ -360,8 +409,11 @@ def _boot_id() -> str | None:
         return None
 
 
-def _lock_is_stale(holder: dict[str, Any]) -> bool:
-    """Only a lock of this host can be judged: its pid is gone, or it predates this boot."""
+def _lock_is_stale(holder: dict[str, Any], *, age: float) -> bool:
+    """A lock not refreshed for LEASE_S (`age`: seconds since its last heartbeat) is stale on any host; one of
+    this host also when its pid is gone, or it predates this boot."""
+    if age > LEASE_S:
+        return True
     if holder.get("host") != socket.gethostname():
         return False
     if holder.get("boot") is not None and _boot_id() is not None and holder["boot"] != _boot_id():

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from parti import text as text_mod
-from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache
+from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache, read_manifest
 from parti.checkpoint import (
     CONFIG_NAME,
-    MANIFEST_NAME,
     SAMPLES_DIR,
     TEXT_ENCODER_DIR,
     TOKENIZER_DIR,
@@ -32,16 +31,15 @@ from parti.checkpoint import (
     config_from_dict,
     grid_name,
 )
-from parti.data import open_source
 from parti.distributed import on_main, replicas_agree
-from parti.errors import PartiError
-from parti.files import read_json
+from parti.errors import PartiError, say
 from parti.generator import GENERATOR_PRESETS, Generator, GeneratorConfig, build_generator, save_generator
 from parti.loop import Stage, TrainConfig, fit
 from parti.optim import EMA, NonFiniteGuard, flatten_optimizer, make_adamw, restore_optimizer
 from parti.pipeline import Pipeline
 from parti.plots import sample_grid
 from parti.prompts import sample_prompts
+from parti.runs import run_progress
 from parti.sampling import SamplingParams
 from parti.settings import setting
 from parti.state import load_module
@@ -75,6 +73,8 @@ class GeneratorTrainConfig(TrainConfig):
     guidance_scale: float = setting(3.0, "classifier-free guidance of the periodic sample grids", minimum=0,
                                     maximum=100)
     val_batches: int = setting(4, "validation batches for the validation loss", minimum=1, maximum=100000)
+    allow_unfinished_tokenizer: bool = setting(False, "train on a tokenizer whose training stopped before its last "
+                                               "step (refused otherwise)")
 
     def __post_init__(self):
         if self.preset not in GENERATOR_PRESETS:
@@ -140,9 +140,9 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
     if is_cache(cache_dir) and cache_dir != Path(cfg.data):
         _check_own_cache(cache_dir, cfg)
     if not is_cache(cache_dir):
-        _check_captioned(cfg)
         on_main(acc, lambda: encode_dataset(
-            data=cfg.data, tokenizer=cfg.tokenizer, out=cache_dir, text_encoder=frozen_t5, device=acc.device,
+            data=cfg.data, tokenizer=cfg.tokenizer, tokenizer_model=tokenizer, require_captions=True,
+            out=cache_dir, text_encoder=frozen_t5, device=acc.device,
             synthetic_length=cfg.synthetic_length, seed=cfg.seed, holdout=cfg.holdout, num_workers=cfg.num_workers,
             image_column=cfg.image_column, caption_column=cfg.caption_column, progress=cfg.progress))
     acc.wait_for_everyone()
@@ -159,21 +159,10 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
 
 def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig) -> None:
     """OUT/cache is this run's: made from the same data, else refused (an earlier run with another --data)."""
-    made = read_json(cache_dir / MANIFEST_NAME)
+    made = read_manifest(cache_dir)
     if made.get("data") != cfg.data or bool(made.get("holdout")) != cfg.holdout:
         raise PartiError(f"{cache_dir} was encoded from --data {made.get('data')!r} (holdout {made.get('holdout')}), "
                          f"not {cfg.data!r}; delete {cache_dir} to encode the new data, or choose another --out")
-
-
-def _check_captioned(cfg: GeneratorTrainConfig) -> None:
-    """Stage 2 learns from captions: a caption-less source is refused before anything is encoded."""
-    if cfg.data == "synthetic":
-        return  # captioned by construction
-    source = open_source(cfg.data, split="train", image_size=32, image_column=cfg.image_column,
-                         caption_column=cfg.caption_column)
-    if not source.has_captions:
-        raise PartiError(f"{cfg.data} has no captions, and the generator learns from them; give captioned data "
-                         f"(or --caption-column COLUMN for a table)")
 
 
 class GeneratorStage(Stage):
@@ -185,6 +174,24 @@ class GeneratorStage(Stage):
     @classmethod
     def reads(cls, cfg) -> tuple[str, ...]:
         return (cfg.tokenizer,) if Path(cfg.tokenizer).expanduser().exists() else ()
+
+    @classmethod
+    def check_inputs(cls, cfg) -> None:
+        """A tokenizer whose run stopped early (a disconnect, the stop button) is refused unless asked for:
+        stage 2 encodes every image with it, and a generator trained on it cannot move to the finished one."""
+        progress = run_progress(Path(cfg.tokenizer).expanduser())
+        if progress is None or progress["finished"]:
+            return
+        where = f"step {progress['step']} of {progress['steps']}"
+        if cfg.allow_unfinished_tokenizer:
+            log.warning("training on tokenizer %s from an unfinished run (%s), as asked", cfg.tokenizer, where)
+            return
+        raise PartiError(say(
+            cli=f"--tokenizer {cfg.tokenizer} is from a training that stopped at {where}: finish it first (run "
+                f"`parti train-tokenizer` again with --resume and the same --out), or pass "
+                f"--allow-unfinished-tokenizer to train on it as it is",
+            notebook=f"the tokenizer in {cfg.tokenizer} stopped at {where}: run the stage-1 cell again to finish "
+                     f"it, or add allow_unfinished_tokenizer=True to the generator's settings to use it as it is"))
 
     def __init__(self, cfg: GeneratorTrainConfig, acc, state):
         self.cfg, self.acc = cfg, acc

@@ -812,7 +812,7 @@ def test_missing_or_truncated_files(models, tmp_path, capsys, damage):
 
 
 def test_another_tokenizer_than_the_one_trained_with(models, tmp_path, capsys):
-    """load_pipeline / check_tokenizer: tests/test_pipeline.py::test_generator_refuses_another_tokenizer.
+    """load_pipeline: tests/test_pipeline.py::test_generator_refuses_another_tokenizer.
     Here: a generator folder whose tokenizer/ was swapped, and resuming a run with another --tokenizer."""
     from parti.cache import encode_dataset
     from parti.tokenizer import build_tokenizer, save_tokenizer

@@ -131,7 +131,7 @@ def test_no_function_is_longer_than_the_style_allows():
 
 @pytest.mark.parametrize("source, message", [
     ("def f():\n    from parti.tokenizer import load_tokenizer\n", "inside a function"),
-    ("from parti.runs import _lock_is_stale\n", "_lock_is_stale"),
+    ("from parti.runs import _read_lock\n", "_read_lock"),
 ])
 def test_the_checks_catch_what_they_guard(source, message):
     """The readers above see an import inside a function and a private name: a check that cannot fail guards

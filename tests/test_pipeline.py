@@ -5,7 +5,6 @@ Also: the tokenizer learns (held-out PSNR), caches and generators refuse a diffe
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -144,12 +143,10 @@ def test_sample_cli_no_prompt(runs, tmp_path):
 def test_generator_refuses_another_tokenizer(runs, tmp_path):
     import shutil
 
-    from parti.pipeline import check_tokenizer, load_pipeline
+    from parti.pipeline import load_pipeline
     from parti.tokenizer import build_tokenizer, save_tokenizer
 
     other = build_tokenizer("tiny")
-    with pytest.raises(PartiError, match="was trained with tokenizer"):
-        check_tokenizer(runs["gen"], other)
     copy = tmp_path / "gen"
     shutil.copytree(runs["gen"], copy, ignore=shutil.ignore_patterns("cache", "checkpoints"))
     save_tokenizer(other, copy / "tokenizer")
@@ -177,7 +174,7 @@ def test_generator_refuses_another_trainable_text_encoder(runs, tmp_path):
 
 def test_cache_refused_after_tokenizer_changes(runs, tmp_path):
     from parti.cache import CodeCache
-    from parti.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+    from parti.tokenizer import load_tokenizer, save_tokenizer
 
     cache = CodeCache(runs["gen"] / "cache", "train")
     cache.check(tokenizer_fingerprint=load_tokenizer(runs["tok"]).fingerprint(), text_identity=None)
