@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, aliases, help_text, config, handler in COMMANDS:
         p = sub.add_parser(name, aliases=list(aliases), help=help_text)
         add_config_flags(p, config)
-        p.set_defaults(func=functools.partial(_run, handler, config))
+        p.set_defaults(handler=handler, config_class=config, func=functools.partial(_run, handler, config))
     return parser
 
 

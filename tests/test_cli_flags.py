@@ -71,7 +71,7 @@ def test_every_flag_is_a_config_field(name):
     dests = {a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)}
     assert dests - set(fields) == set(), f"`parti {name}`: flags with no config field (declared by hand?)"
     assert set(fields) - dests == set(), f"`parti {name}`: config fields with no flag"
-    assert not {"command", "quiet", "handler", "config_class"} & set(fields), "a field shadows the CLI's own names"
+    assert not {"command", "quiet", "handler", "config_class", "func"} & set(fields), "a field shadows the CLI's own names"
 
 
 # ---- every field is read --------------------------------------------------------------------------------
