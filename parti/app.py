@@ -87,6 +87,14 @@ def generate_images(pipe, prompt_text: str, num_images: float, guidance_scale: f
     return gallery, status + (f". Note: {cut[0]}" if cut else "")
 
 
+def gallery_buttons(gradio_version: str) -> dict[str, Any]:
+    """The gallery's download and fullscreen buttons as this gradio spells them: gradio 6 takes one `buttons`
+    list; gradio 5 (Colab's 2025.07-2026.04 runtimes, which users can pin) a flag each, and no `buttons`."""
+    if int(gradio_version.split(".")[0]) >= 6:
+        return {"buttons": ["download", "download_all", "fullscreen"]}
+    return {"show_download_button": True, "show_fullscreen_button": True}
+
+
 def build_app(pipe, *, title: str = "parti: text to faces"):
     """The demo page over a loaded `Pipeline`. Errors in the settings show in the status line, one line each."""
     try:
@@ -125,7 +133,7 @@ def build_app(pipe, *, title: str = "parti: text to faces"):
             with gr.Column(scale=2):
                 status = gr.Markdown("", elem_id="status")
                 gallery = gr.Gallery(label="results", columns=4, format="png", object_fit="contain",
-                                     buttons=["download", "download_all", "fullscreen"], elem_id="gallery")
+                                     elem_id="gallery", **gallery_buttons(gr.__version__))
         button.click(on_generate, inputs=[prompts, num_images, guidance, temperature, top_k, top_p, seed],
                      outputs=[gallery, status], concurrency_limit=1)  # one sampling run holds the model at a time
     return app

@@ -90,21 +90,25 @@ def dataset_snapshot(repo_id: str, *, revision: str | None = None,
 
 
 def _announce_download(repo_id: str, revision: str | None, patterns: tuple[str, ...]) -> None:
-    """Log what a dataset download will take and refuse one that cannot fit (files already cached count too)."""
+    """Log what a dataset download will take and refuse one that cannot fit. Files already in the cache (an
+    earlier, interrupted download) count for nothing: only what is still to download must fit."""
     from fnmatch import fnmatch
 
-    from huggingface_hub import HfApi, constants, errors
+    from huggingface_hub import HfApi, constants, errors, try_to_load_from_cache
 
     try:
         info = HfApi().dataset_info(repo_id, revision=revision, files_metadata=True)
     except errors.HfHubHTTPError:
         return  # _snapshot reports the failure with its own message
-    total = sum(f.size or 0 for f in info.siblings or [] if any(fnmatch(f.rfilename, p) for p in patterns))
+    wanted = [f for f in info.siblings or [] if any(fnmatch(f.rfilename, p) for p in patterns)]
+    cached = [f for f in wanted if isinstance(try_to_load_from_cache(repo_id, f.rfilename, revision=info.sha,
+                                                                      repo_type="dataset"), str)]
+    total = sum(f.size or 0 for f in wanted) - sum(f.size or 0 for f in cached)
     cache = Path(constants.HF_HUB_CACHE)
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
-    log.info("dataset %s: %.1f GB of parquet shards into %s (once; later runs read the cache)", repo_id,
-             total / 1e9, cache)
+    log.info("dataset %s: %.1f GB of parquet shards to download into %s (%d of %d files already there; once: "
+             "later runs read the cache)", repo_id, total / 1e9, cache, len(cached), len(wanted))
     if total > free:
         raise PartiError(f"dataset {repo_id} needs {total / 1e9:.1f} GB and {cache} has {free / 1e9:.1f} GB free; "
                          f"free disk space or set HF_HOME to a larger disk")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from parti.app import build_app
 from parti.checkpoint import CACHE_DIR, GRID_GLOB, MANIFEST_NAME, SAMPLES_DIR, TOKENIZER_DIR
 from parti.data import find_columns, open_source, to_tensor
 from parti.device import choose_mixed_precision, detect_device
@@ -146,6 +147,8 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
         out = str(drive / out)
     elif use_drive:
         logging.getLogger(__name__).info("use_drive is for Colab; writing run folders to %s", out)
+    for stage, cls in ((tok, TokenizerTrainConfig), (gen, GeneratorTrainConfig)):
+        _fit_schedule(stage, common, cls)
     if common.get("mixed_precision", "auto") == "auto":
         # By compute capability: bf16 on Ampere and newer, fp16 on a T4 (bf16 is only emulated there), fp32 on CPU.
         common["mixed_precision"] = choose_mixed_precision()
@@ -161,6 +164,18 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
                                               if k not in ("seed", "attribute_prompts")}),
         generator_eval=GeneratorEvalConfig(checkpoint=str(gen_dir), data=gen_cfg.data, data_seed=shared["seed"],
                                            text_encoder_path=_local_folder(gen_cfg.text_encoder), **shared))
+
+
+def _fit_schedule(stage: dict, common: dict, cls: type) -> None:
+    """Warm-up and grid interval that fit the stage's steps where none was given: a short run still reaches its
+    peak learning rate (warm-up a tenth of the run, at most 500 steps) and draws about 20 grids (at most every
+    1,000 steps)."""
+    given = {**common, **stage}
+    steps = given.get("steps", cls.__dataclass_fields__["steps"].default)
+    if "warmup_steps" not in given:
+        stage["warmup_steps"] = max(1, min(500, steps // 10))
+    if "sample_every" not in given:
+        stage["sample_every"] = max(1, min(1000, steps // 20))
 
 
 def _local_folder(name: str) -> str | None:
@@ -303,6 +318,19 @@ def train(train_fn: Callable[[Any], Path], config: Any) -> Path:
         raise CellStopped(f"{Path(out).name} stopped at step {progress['step']} of {progress['steps']} and saved "
                           f"a checkpoint; run this cell again to continue (the cells below did not run)")
     return out
+
+
+def launch_demo(pipe, *, share: bool | None = None) -> bool:
+    """The web demo inline below the cell (a public link on Colab unless `share` says otherwise). It is the
+    notebook's last cell: a demo that cannot start (no gradio, an old or new gradio, no network) logs why in one
+    line and returns False, so Run all still ends cleanly with every result above it."""
+    try:
+        build_app(pipe).queue().launch(share=in_colab() if share is None else share)
+    except Exception as e:  # whatever gradio raises: the results above are complete without the demo
+        logging.getLogger(__name__).warning("the web demo could not start (%s: %s); the results above are "
+                                            "complete", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
+    return True
 
 
 def example_prompts(run: NotebookRun) -> tuple[str, ...]:

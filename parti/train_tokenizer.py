@@ -68,6 +68,10 @@ class TokenizerTrainConfig(TrainConfig, LossConfig):
         if self.adversarial_weight is None:
             self.adversarial_weight = adversarial
         super().__post_init__()
+        if self.adversarial_weight > 0 and self.disc_start >= self.steps:
+            log.warning("the GAN loss starts at step %d (disc_start), at or after this run's last step %d: "
+                        "adversarial_weight %g has no effect; lower disc_start to use it, or set it to 0",
+                        self.disc_start, self.steps, self.adversarial_weight)
 
     def loss_config(self) -> LossConfig:
         return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})

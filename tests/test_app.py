@@ -231,3 +231,24 @@ def test_import_parti_does_not_import_gradio():
            "print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "False"
+
+
+@pytest.mark.parametrize("version, spelling", [("6.24.0", "buttons"), ("5.31.0", "show_download_button"),
+                                               ("5.50.0", "show_fullscreen_button")])
+def test_the_gallery_buttons_are_spelled_for_each_gradio(version, spelling):
+    """gradio 5 has no `buttons` (Colab's pinnable 2025.07-2026.04 runtimes: Run all broke on it)."""
+    from parti.app import gallery_buttons
+
+    assert spelling in gallery_buttons(version) and ("buttons" in gallery_buttons(version)) == version.startswith("6")
+
+
+def test_the_installed_gradio_takes_the_gallery_buttons(pipe):
+    """Whichever gradio is installed (CI also runs the Colab package sets: gradio 5 and 6), its Gallery takes
+    what `gallery_buttons` gives it, and the page builds."""
+    import inspect
+
+    gr = need("gradio")
+    from parti.app import build_app, gallery_buttons
+
+    assert set(gallery_buttons(gr.__version__)) <= set(inspect.signature(gr.Gallery.__init__).parameters)
+    assert build_app(pipe) is not None

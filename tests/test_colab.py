@@ -277,3 +277,96 @@ def _run_all_then_kill(nb, *, local: Path, hf_home: Path, tmp_path: Path, when, 
     finally:
         client.stop_channels()
         km.cleanup_resources()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtimes old and new
+
+
+def test_the_web_demo_comes_after_the_evaluation_and_a_failing_one_stops_nothing(monkeypatch, caplog):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    order = [t for c in nb.cells for t in c.metadata.get("tags", []) if t in ("evaluation", "push", "web-demo")]
+    assert order == ["evaluation", "push", "web-demo"] and "web-demo" in nb.cells[-1].metadata.get("tags", [])
+    assert 'gradio>=5,<7' in nb.cells[-1].source  # installs only where gradio is missing, never over Colab's
+
+    def gradio_5(pipe):  # what Run all met on Colab's pinnable 2025.07-2026.04 runtimes
+        raise TypeError("Gallery.__init__() got an unexpected keyword argument 'buttons'")
+    monkeypatch.setattr(notebook, "build_app", gradio_5)
+    with caplog.at_level(logging.WARNING, logger="parti.notebook"):
+        assert notebook.launch_demo(object()) is False
+    assert "the web demo could not start (TypeError: Gallery.__init__()" in caplog.text
+
+
+@pytest.mark.parametrize("runtime", ["2025.07", "2026.01", "2026.08"])
+def test_every_colab_runtime_meets_the_floors_so_installing_replaces_nothing(runtime):
+    """pip upgrades a preinstalled package only when it misses a floor (then to the newest release, a new
+    major); Colab's pinnable runtimes hold versions at or above every floor parti declares."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = NOTEBOOK.parent
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (root / "constraints" / f"colab-{runtime}.txt").read_text(),
+                           re.M))
+    pins = {name.lower().replace("_", "-"): Version(v) for name, v in pins.items()}
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    needs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["app"]]
+    checked = [r.name for r in needs if r.name.lower().replace("_", "-") in pins]
+    assert {"transformers", "datasets", "huggingface_hub", "accelerate", "gradio"} <= set(checked)
+    for req in needs:
+        pin = pins.get(req.name.lower().replace("_", "-"))
+        assert pin is None or req.specifier.contains(pin), f"Colab {runtime} has {req.name} {pin}: {req}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Smaller traps
+
+
+def test_a_short_notebook_run_still_warms_up_and_draws_grids(monkeypatch):
+    monkeypatch.delenv(notebook.SMALL_ENV, raising=False)
+    run = notebook.configure(dataset="synthetic", use_drive=False, tokenizer=dict(steps=200),
+                             generator=dict(steps=30000))
+    assert (run.tokenizer.warmup_steps, run.tokenizer.sample_every) == (20, 10)  # it reaches its peak LR
+    assert (run.generator.warmup_steps, run.generator.sample_every) == (500, 1000)
+    given = notebook.configure(dataset="synthetic", use_drive=False, warmup_steps=7, tokenizer=dict(sample_every=3))
+    assert (given.tokenizer.warmup_steps, given.tokenizer.sample_every, given.generator.warmup_steps) == (7, 3, 7)
+
+
+def test_a_gan_weight_that_never_switches_on_is_said(caplog):
+    from parti.train_tokenizer import TokenizerTrainConfig
+
+    with caplog.at_level(logging.WARNING, logger="parti.train_tokenizer"):
+        TokenizerTrainConfig(data="synthetic", steps=500, adversarial_weight=0.1, disc_start=10000)
+    assert "adversarial_weight 0.1 has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="parti.train_tokenizer"):
+        TokenizerTrainConfig(data="synthetic", steps=500, adversarial_weight=0.1, disc_start=100)
+    assert caplog.text == ""
+
+
+def test_the_free_space_check_counts_only_what_is_still_to_download(tmp_path, monkeypatch, caplog):
+    """Shards an interrupted download left in the cache need no room again (it refused a disk that had room)."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from parti import hub
+    from tests.hubcache import COMMIT, add_to_cache
+
+    cache = tmp_path / "hub"
+    shard = b"PAR1" + b"\0" * 1000
+    add_to_cache(cache, "user/faces", {"data/train-00000-of-00002.parquet": shard}, repo_type="dataset")
+    siblings = [SimpleNamespace(rfilename=f"data/train-0000{i}-of-00002.parquet", size=60 * 10**9) for i in (0, 1)]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo, **k: SimpleNamespace(siblings=siblings, sha=COMMIT))
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: SimpleNamespace(free=70 * 10**9))
+    with caplog.at_level(logging.INFO, logger="parti.hub"):
+        hub._announce_download("user/faces", None, ("*.parquet", "**/*.parquet"))  # 60 GB to go: fits in 70
+    assert "60.0 GB of parquet shards to download" in caplog.text and "1 of 2 files already there" in caplog.text
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: SimpleNamespace(free=50 * 10**9))
+    with pytest.raises(PartiError, match="needs 60.0 GB .* 50.0 GB free"):
+        hub._announce_download("user/faces", None, ("*.parquet", "**/*.parquet"))
