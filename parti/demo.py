@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 # Each size: overrides of the two training configs (everything else is their defaults). Shared by both stages:
 # the synthetic faces, no perceptual or GAN loss (flat cartoon faces, nothing to download).
 DEMO_SIZES = {
-    # 64 px faces, 8x8 codes from 512, a 0.7M-parameter generator: the CPU demo, about 3 minutes on 2 cores
-    # (sizes, batches and steps chosen by measurement: docs/benchmarks.md).
+    # 64 px faces, 8x8 codes from 512, a 0.7M-parameter generator: the CPU demo (its time, and the measurements
+    # that chose these sizes, batches and steps: docs/benchmarks.md).
     "cpu": {"tokenizer": dict(preset="demo", steps=1000, batch_size=8, lr=3e-3),
             "generator": dict(preset="demo", text_preset="tiny", phrase_pieces=True, steps=1600, batch_size=16,
                               lr=3e-3, ema_decay=0.995),

@@ -139,3 +139,16 @@ def test_the_reader_check_sees_an_unread_field():
 
     reads = attributes_read(handler)
     assert "used" in reads and "never_read_anywhere" not in reads
+
+
+def test_a_cond_drop_prob_of_1_is_refused_before_any_work(tmp_path, capsys):
+    """The model's bound (GeneratorConfig.BOUNDS: [0, 1)) is the flag's: refused at parse time, not after the
+    dataset has been encoded."""
+    from parti.cli import main
+
+    out = tmp_path / "gen"
+    assert main(["train-generator", "--cond-drop-prob", "1", "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cond_drop_prob (--cond-drop-prob)" in err and "< 1.0" in err
+    assert not out.exists()
