@@ -24,6 +24,7 @@ from parti.text import TruncationWarning
 
 INSTALL_HINT = 'the web demo needs gradio: pip install -e ".[app]" (or pip install gradio)'
 MAX_IMAGES = 64  # per click: keeps one request on a shared Space from holding the model for minutes
+MAX_PROMPT_CHARS = 1000  # per prompt: ten times the longest caption; a 50 MB one never reaches the sampler
 EXAMPLE_PROMPTS = "a smiling woman with long blonde hair on a green background\n" \
                   "a man with short black hair and glasses on a blue background"
 
@@ -37,12 +38,22 @@ def parse_request(prompt_text: str, num_images: float, guidance_scale: float, te
                   top_k: str | float | None, top_p: str | float | None, seed: float | None
                   ) -> tuple[list[str], SamplingParams, int, int]:
     """The page's raw values -> (prompts, params, images per prompt, seed); a PartiError says what to fix."""
+    if not isinstance(prompt_text, (str, type(None))) or len(prompt_text or "") > MAX_IMAGES * (MAX_PROMPT_CHARS + 1):
+        raise PartiError(f"the prompts are too long; give at most {MAX_IMAGES} prompts of {MAX_PROMPT_CHARS} "
+                         f"characters each, one a line")
     prompts = [line.strip() for line in (prompt_text or "").splitlines() if line.strip()]
     if not prompts:
         raise PartiError("no prompts given; type at least one prompt, one a line")
+    if max(len(p) for p in prompts) > MAX_PROMPT_CHARS:
+        raise PartiError(f"a prompt has {max(len(p) for p in prompts):,} characters; give at most "
+                         f"{MAX_PROMPT_CHARS} a prompt (the text encoder reads 128 tokens)")
     if seed is None:
         raise PartiError("seed is empty; give a whole number (the same seed gives the same images)")
     top_k, top_p = _optional_number("top_k", top_k), _optional_number("top_p", top_p)
+    for name, value in (("number of images", num_images), ("seed", seed), ("guidance scale", guidance_scale),
+                        ("temperature", temperature)):  # NaN, inf, empty or text from the form: one line
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PartiError(f"{name} must be a finite number, got {value!r}")
     for name, value in (("number of images", num_images), ("seed", seed), ("top_k", top_k)):
         if value is not None and float(value) != int(value):
             raise PartiError(f"{name} must be a whole number, got {value}")

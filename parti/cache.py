@@ -3,7 +3,9 @@
 Stage 2 trains from here and never runs a frozen network per step (LlamaGen `extract_codes`).
 Layout of a cache folder, one subfolder per split:
 
-  manifest.json                      what made it: tokenizer fingerprint, text encoder identity, sizes
+  manifest.json                      what made it: every input that shapes it (data, columns, synthetic length
+                                     and seed, holdout, caption byte bound), tokenizer fingerprint, text
+                                     encoder identity, image size, sizes
   train/codes_00000.npy              (n, T) uint16 image codes, memory-mappable
   train/captions_00000.jsonl         one caption per line (JSON strings)
   train/text_00000.npy               (n, L_shard, D) float16 T5 states   [only with a frozen T5]
@@ -29,16 +31,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from parti import data as data_mod
+from parti.checkpoint import CACHE_DIR
 from parti.device import default_device
 from parti.errors import PartiError
 from parti.files import atomic_write, fsync_dir, read_json, write_json
+from parti.runs import check_output
 from parti.settings import check_settings, setting
 from parti.synthetic import DEFAULT_LENGTH
+from parti.text import MAX_TEXT_BYTES, clip_text
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2  # 2: shards list their files with sizes and sha256
+MANIFEST_VERSION = 3  # 2: shards list their files with sizes and sha256; 3: "inputs", every setting that shaped it
 SPLITS = ("train", "val")
 SHARD_FILES = ("codes", "captions", "text", "text_len")  # codes_00000.npy, captions_00000.jsonl, ...
 
@@ -69,16 +74,44 @@ def _save_text(path: Path, text: str) -> dict[str, Any]:
     return _file_record(path)
 
 
+def cache_inputs(*, data: str, image_column: str | None = None, caption_column: str | None = None,
+                 synthetic_length: int | None = DEFAULT_LENGTH, seed: int = 0, holdout: bool = False,
+                 max_items: int | None = None) -> dict[str, Any]:
+    """Every setting that shapes a cache's items, as its manifest records them ("inputs") and a run compares
+    them (`stale_inputs`). Settings that do not apply to the data are None: a table has no synthetic length."""
+    synthetic = data == "synthetic"
+    return {"data": data, "image_column": image_column, "caption_column": caption_column,
+            "synthetic_length": synthetic_length if synthetic else None, "seed": seed if synthetic else None,
+            "holdout": bool(holdout), "max_items": max_items, "caption_bytes": MAX_TEXT_BYTES}
+
+
+def stale_inputs(manifest: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """'name: made -> wanted' for each of `inputs` the cache was made with another value of."""
+    made = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+    return [f"{k}: {made.get(k)!r} -> {v!r}" for k, v in inputs.items() if made.get(k) != v]
+
+
+def check_cache_out(out: str | Path, *, reads: tuple[str | Path | None, ...] = ()) -> Path:
+    """`out` may take a code cache (the output guard, `parti.runs.check_output`, before any work): a new or
+    empty folder, or a cache (re-encoded), outside the folders read and outside any model or run folder but
+    as its own cache/ (a generator run's)."""
+    return check_output(out, folder=True, slots=(CACHE_DIR,), reads=reads, may_be="cache", replaces=_foreign)
+
+
+def _foreign(out: Path) -> str | None:
+    """None when folder `out` holds nothing but a cache (finished or killed), else what else it holds."""
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, *SPLITS) and not p.name.startswith("."))
+    return (f"holds files that are not a code cache ({foreign[:5]}); give an empty or new folder, or an existing "
+            f"cache to re-encode") if foreign else None
+
+
 def _prepare_out(out: Path) -> None:
     """`out` is ours to write: missing, empty, or a cache (finished or killed). The old manifest goes first,
     so a re-encode killed half-way leaves no manifest over a mix of old and new shards."""
     if out.exists() and not out.is_dir():
         raise PartiError(f"--out {out} is a file; give a folder for the code cache")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, *SPLITS) and not p.name.startswith("."))
-        if foreign:
-            raise PartiError(f"--out {out} holds files that are not a code cache ({foreign[:5]}); give an empty or "
-                             f"new folder, or an existing cache to re-encode")
+    if out.is_dir() and _foreign(out):
+        raise PartiError(f"--out {out} {_foreign(out)}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
@@ -144,6 +177,7 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
     """
     _check_encode_args(batch_size=batch_size, shard_size=shard_size, max_items=max_items, num_workers=num_workers,
                        splits=tuple(splits))
+    check_cache_out(out, reads=(tokenizer,))  # before the tokenizer loads or a source opens
     device = default_device(device)
     tok = tokenizer_model.to(device) if tokenizer_model is not None else load_tokenizer(tokenizer, device=device)
     if tok.config.codebook_size > 65536:
@@ -166,6 +200,8 @@ def encode_dataset(*, data: str, tokenizer: str | Path, out: str | Path, text_en
         "grid_size": tok.config.grid_size, "num_codes": tok.config.codebook_size,
         "text_encoder": text_encoder.identity() if text_encoder is not None else None,
         "text_dim": getattr(text_encoder, "dim", None), "holdout": holdout, "splits": {},
+        "inputs": cache_inputs(data=data, image_column=image_column, caption_column=caption_column,
+                               synthetic_length=synthetic_length, seed=seed, holdout=holdout, max_items=max_items),
     }
     for split, source in sources.items():
         n_items = len(source) if max_items is None else min(len(source), max_items)
@@ -211,7 +247,7 @@ def _encode_split(loader, tok: VQTokenizer, text_encoder, folder: Path, *, shard
         if batch is None:
             continue
         codes = tok.encode(batch["image"].to(device)).flatten(1).cpu().numpy()
-        captions = [c if c is not None else "" for c in batch["caption"]]
+        captions = [clip_text(c) if c is not None else "" for c in batch["caption"]]  # stored bounded
         codes_buf.append(codes)
         caps_buf.extend(captions)
         if text_encoder is not None:
@@ -265,10 +301,16 @@ class CodeCache(Dataset):
         return self.manifest.get("text_encoder") is not None
 
     def check(self, *, tokenizer_fingerprint: str, text_identity: dict | None, holdout: bool | None = None,
-              grid_size: int | None = None, num_codes: int | None = None) -> None:
+              grid_size: int | None = None, num_codes: int | None = None,
+              inputs: dict[str, Any] | None = None) -> None:
         """Refuse the cache if it was made by another tokenizer or T5 than the ones given, or (holdout not
         None) with the held-out synthetic pairs left in when they should be out, or the other way round,
-        or (grid_size / num_codes given: the tokenizer's) with codes of another grid or codebook."""
+        or (grid_size / num_codes given: the tokenizer's) with codes of another grid or codebook, or (inputs
+        given: some of `cache_inputs`) from other data settings."""
+        stale = stale_inputs(self.manifest, inputs or {})
+        if stale:
+            raise PartiError(f"cache {self.root} was encoded from other inputs ({'; '.join(stale[:4])}); re-run "
+                             f"`parti encode` with these settings")
         made_holdout = bool(self.manifest.get("holdout", False))
         if holdout is not None and made_holdout != holdout:
             raise PartiError(f"cache {self.root} was encoded {'with' if made_holdout else 'without'} --holdout, but "
@@ -319,6 +361,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise _corrupt(root, "the manifest names no tokenizer fingerprint")
     if not (_is_int(m.get("grid_size"), 1, 256) and _is_int(m.get("num_codes"), 2, 65536)):
         raise _corrupt(root, f"grid_size {m.get('grid_size')!r} / num_codes {m.get('num_codes')!r} are out of range")
+    if not isinstance(m.get("inputs"), dict) or not isinstance(m["inputs"].get("data"), str):
+        raise _corrupt(root, "the manifest does not record the inputs it was made from")
     if m.get("text_encoder") is not None and not _is_int(m.get("text_dim"), 1, 16384):
         raise _corrupt(root, f"text_dim {m.get('text_dim')!r} is not a width")
     splits = m.get("splits")

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from parti.errors import PartiError
-from parti.files import atomic_write, fsync_dir, read_json, write_json
+from parti.files import atomic_write, fsync_dir, read_json, regular_file, write_json
 from parti.validate import MAX_PARAM_BYTES, check_model_config
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ DEMO_NAME = "demo.json"  # `parti demo`'s summary, in the demo's output folder
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # First bytes of pickle streams (protocol 2+) and of torch.save's zip archives: named in the error only.
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+# The largest tensor file read: a training state holds the weights, two AdamW moments and an EMA copy of a
+# model of at most MAX_PARAM_BYTES. Only regular files are opened (a FIFO would hang the reader).
+MAX_TENSOR_FILE_BYTES = 4 * MAX_PARAM_BYTES + 2**30
 
 MODEL_KINDS = ("tokenizer", "generator", "text_encoder")
 # Top-level keys of config.json beyond kind/config/fingerprint, per kind: any other key is an edit or
@@ -156,8 +159,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise PartiError(f"{path} is a pickle-based file; parti only reads safetensors (never unpickles)")
-    if not path.exists():
-        raise PartiError(f"{path} not found")
+    regular_file(path, limit=MAX_TENSOR_FILE_BYTES, what="weights file")  # missing, a FIFO, /dev/zero: one line
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -178,6 +180,7 @@ def _looks_pickled(path: Path) -> bool:
 def _weights_metadata(folder: Path) -> dict[str, str] | None:
     """The string metadata of folder/model.safetensors (header only), or None when unreadable."""
     try:
+        regular_file(folder / WEIGHTS_NAME, limit=MAX_TENSOR_FILE_BYTES)  # never open a FIFO: it would hang
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
             return f.metadata() or {}
     except Exception:  # missing, truncated, a pickle: the loader reports it with the right message
@@ -191,6 +194,14 @@ def check_folder(folder: str | Path, kind: str) -> dict[str, Any]:
     a "config" that is not an object, and an export that a kill interrupted (it says to --resume).
     """
     folder = Path(folder)
+    try:
+        os.listdir(folder)  # a folder we may not read is said as such, not as a missing one
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # missing, or a file: said below
+    except OSError as e:  # permissions, a name too long to be a path, an I/O error
+        shown = str(folder) if len(str(folder)) <= 200 else f"{str(folder)[:100]}... ({len(str(folder)):,} characters)"
+        raise PartiError(f"could not read checkpoint folder {shown}: {e.strerror or e}; check the path and its "
+                         f"permissions") from None
     if folder.is_file():
         hint = " (pickle files are never loaded)" if folder.suffix in PICKLE_SUFFIXES else ""
         raise PartiError(f"{folder} is a file; give the checkpoint folder holding {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
@@ -288,8 +299,11 @@ def load_model_weights(folder: str | Path, build: Callable[[], torch.nn.Module],
 
 def _check_header(path: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     """The safetensors header alone (no tensor read) must name exactly `expected`'s tensors and shapes."""
-    if path.suffix in PICKLE_SUFFIXES or not path.exists() or _looks_pickled(path):
-        read_tensors(path)  # raises the right one-line error (missing, pickle)
+    if path.suffix in PICKLE_SUFFIXES:
+        read_tensors(path)  # raises the right one-line error
+    regular_file(path, limit=MAX_TENSOR_FILE_BYTES, what="weights file")  # before any open: a FIFO would hang
+    if _looks_pickled(path):
+        read_tensors(path)  # raises the right one-line error (a pickle)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -410,8 +424,9 @@ def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
 def read_weights_file(path: Path, *, flag: str) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file, or from a third-party pickle (.pth/.pt/.bin) read with
     weights_only=True, so no code runs; every failure is one line naming `flag`, the option that gives a file."""
-    if not path.is_file():
+    if not os.path.lexists(path) and os.path.isdir(path.parent):  # missing, not unreadable: say which flag
         raise PartiError(f"weights file {path} not found; give an existing file with {flag} PATH")
+    regular_file(path, limit=MAX_TENSOR_FILE_BYTES, what=f"weights file ({flag})")
     if path.suffix == ".safetensors":
         return read_tensors(path)  # a corrupt or truncated file is a one-line error
     if path.suffix not in (".pth", ".pt", ".bin"):

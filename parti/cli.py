@@ -14,13 +14,12 @@ import functools
 import logging
 import os
 import sys
-from pathlib import Path
 
 from parti import app, distributed, text
 from parti.app import ServeConfig
-from parti.cache import EncodeConfig, encode_dataset
+from parti.cache import EncodeConfig, check_cache_out, encode_dataset
 from parti.checkpoint import EVAL_NAME, EVAL_TOKENIZER_NAME
-from parti.demo import DemoConfig, run_demo
+from parti.demo import DemoConfig, demo_folder, run_demo
 from parti.device import default_device
 from parti.errors import EveryRankError, PartiError
 from parti.evaluate import (
@@ -29,12 +28,13 @@ from parti.evaluate import (
     evaluate_generator,
     evaluate_tokenizer,
     format_table,
+    results_out,
     write_results,
 )
 from parti.pipeline import COMPILE_MODES, LoadOptions, Pipeline, SampleConfig, load_pipeline
 from parti.plots import PlotConfig, plot_run, sample_grid
 from parti.push import PushConfig, push_to_hub
-from parti.runs import check_image_output
+from parti.runs import check_image_output, check_output
 from parti.settings import base_type, field_info, field_types, flag_name, item_type
 from parti.train_generator import GeneratorTrainConfig, train_generator
 from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
@@ -122,6 +122,7 @@ def cmd_train_generator(cfg: GeneratorTrainConfig) -> None:
 
 
 def cmd_encode(cfg: EncodeConfig) -> None:
+    check_cache_out(cfg.out, reads=(cfg.tokenizer,))  # before a T5 loads
     device = default_device(cfg.device)  # a frozen T5 on the GPU when there is one
     encoder = None if cfg.text_encoder == "trainable" else text.load_t5(cfg.text_encoder, device=device)
     out = encode_dataset(data=cfg.data, tokenizer=cfg.tokenizer, out=cfg.out, text_encoder=encoder,
@@ -156,6 +157,9 @@ def cmd_plot(cfg: PlotConfig) -> None:
 
 
 def cmd_demo(cfg: DemoConfig) -> None:
+    # Both folders before any training: --out holds the two runs and demo.json, --images the pictures.
+    check_output(demo_folder(cfg), what="--out", folder=True, replaces=lambda folder: None)
+    check_output(cfg.images, what="--images", folder=True, replaces=lambda folder: None)
     summary = run_demo(cfg)
     acc = summary["attribute_accuracy"]
     sec = summary["seconds"]
@@ -171,15 +175,17 @@ def cmd_demo(cfg: DemoConfig) -> None:
 
 
 def cmd_evaluate_tokenizer(cfg: TokenizerEvalConfig) -> None:
+    out = results_out(cfg, EVAL_TOKENIZER_NAME)  # before minutes of scoring: never over weights or a run's record
     results = evaluate_tokenizer(cfg)
-    out = write_results(cfg.out or Path(cfg.checkpoint) / EVAL_TOKENIZER_NAME, results)
+    out = write_results(out, results)
     print(format_table(results))
     print(f"wrote {out}")
 
 
 def cmd_evaluate(cfg: GeneratorEvalConfig) -> None:
+    out = results_out(cfg, EVAL_NAME)  # before minutes of scoring: never over weights or a run's record
     results = evaluate_generator(cfg)
-    out = write_results(cfg.out or Path(cfg.checkpoint) / EVAL_NAME, results)
+    out = write_results(out, results)
     print(format_table(results))
     print(f"wrote {out}")
 

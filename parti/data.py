@@ -11,8 +11,12 @@ the last 10,000); tables without a val split hold out every 20th row.
 
 from __future__ import annotations
 
+import codecs
 import io
+import logging
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +29,9 @@ from torch.utils.data import Dataset
 from parti.errors import PartiError
 from parti.hub import dataset_snapshot
 from parti.synthetic import DEFAULT_LENGTH, VAL_LENGTH, SyntheticFaces
+from parti.text import MAX_TEXT_BYTES, clip_text
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
@@ -34,6 +41,11 @@ VAL_SPLIT_NAMES = ("validation", "val", "valid", "test")
 # Caption columns looked for, in this order, when none is given: the captioned FFHQ's, then common names.
 CAPTION_COLUMNS = ("image_caption", "caption", "text", "captions", "prompt", "sentence")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "pixel_values")
+# Words in a column's name that say it holds a condition (a ControlNet input), not the picture to learn: such a
+# column is never taken as the image column unless named with --image-column.
+CONDITION_WORDS = ("conditioning", "condition", "control", "controlnet", "mask", "masks", "depth", "edge", "edges",
+                   "canny", "pose", "openpose", "seg", "segmentation", "sketch", "scribble", "hed", "lineart",
+                   "normal", "normals", "hint")
 SYNTHETIC_LENGTHS = {"train": DEFAULT_LENGTH, "val": VAL_LENGTH}
 
 
@@ -92,6 +104,8 @@ def _open_image(value: Any) -> Image.Image:
             value = io.BytesIO(value)
         elif not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"not an image: {type(value).__name__}")
+        elif not stat.S_ISREG(os.stat(value).st_mode):  # a FIFO would hang the reader, a device never end
+            raise ValueError("not a regular file")
         with Image.open(value) as img:
             img.load()  # decode now, so a truncated file fails here and not later
             return _to_rgb(ImageOps.exif_transpose(img))
@@ -165,8 +179,8 @@ class FolderSource(ImageSource):
         path = self.files[index]
         txt = path.with_suffix(".txt")
         try:
-            caption = txt.read_text(encoding="utf-8").strip() if txt in self._captions else None
-        except (OSError, UnicodeDecodeError) as err:
+            caption = _read_caption_file(txt) if txt in self._captions else None
+        except (OSError, UnicodeDecodeError, ValueError) as err:
             raise _Unreadable(f"caption file {txt}: {err}") from err
         return _open_image(path), caption, {}
 
@@ -225,11 +239,29 @@ class SyntheticSource(ImageSource):
         return _load_face(self.faces, index)
 
 
+def _read_caption_file(txt: Path) -> str:
+    """A sidecar caption, at most MAX_TEXT_BYTES of it read (a 50 MB file costs no more), stripped."""
+    if not stat.S_ISREG(os.stat(txt).st_mode):  # a FIFO named NAME.txt would hang the reader
+        raise ValueError("not a regular file")
+    with open(txt, "rb") as f:
+        head = f.read(MAX_TEXT_BYTES)
+    return codecs.getincrementaldecoder("utf-8")().decode(head, final=False).strip()  # a cut character dropped
+
+
 def _caption(row: dict, column: str | None) -> str | None:
+    """The row's caption: a string (the first of a list of them), cut to MAX_TEXT_BYTES; anything else in a
+    caption column (a struct, a number) is refused rather than trained on as its repr."""
     if column is None or row[column] is None:
         return None
     value = row[column]
-    return str(value[0] if isinstance(value, (list, tuple)) and value else value)  # several captions: first
+    if isinstance(value, (list, tuple)):  # several captions: the first
+        value = value[0] if value else None
+        if value is None:
+            return None
+    if not isinstance(value, str):
+        raise PartiError(f"caption column {column!r} holds {type(value).__name__} values, not text; pass "
+                         f"--caption-column with a column of strings (or --caption-column none)")
+    return clip_text(value)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -257,6 +289,9 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
     """
     if split not in ("train", "val"):
         raise PartiError(f"unknown split {split!r}; use 'train' or 'val'")
+    if not isinstance(spec, str) or not spec.strip() or spec.startswith("hf:") and not spec[3:].strip():
+        raise PartiError(f"--data {spec!r} names no data (an unset variable?); pass 'synthetic', a folder of "
+                         f"images, a .parquet file or folder, or hf:user/name")
     if image_size < 8:
         raise PartiError(f"image_size must be >= 8, got {image_size}")
     common = {"split": split, "image_size": image_size}
@@ -271,11 +306,11 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
         return _open_synthetic(synthetic_length, seed, holdout, common)
     if spec.startswith("hf:"):
         local = Path(spec[3:]).expanduser()  # hf:FOLDER reads a local copy in the hub layout
-        folder = local if local.is_dir() else dataset_snapshot(spec[3:])
+        folder = local if _exists(local, spec) and local.is_dir() else dataset_snapshot(spec[3:])
         tables = _load_tables("parquet", spec, data_files=_parquet_splits(folder, spec))
         return _open_table(tables, spec, image_column, caption_column, common, roots=(folder, *_hub_roots()))
     path = Path(spec).expanduser()
-    if not path.exists():
+    if not _exists(path, spec):
         raise PartiError(f"no such file or folder {spec!r}; pass 'synthetic', a folder of images, a .parquet "
                          "file or folder, or hf:NAME")
     if path.is_file():
@@ -293,6 +328,17 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
             tables = _load_tables("parquet", spec, data_files=_parquet_splits(path, spec))
     root = path if path.is_dir() else path.parent
     return _open_table(tables, spec, image_column, caption_column, common, roots=(root,))
+
+
+def _exists(path: Path, spec: str) -> bool:
+    """Whether `path` exists; one we may not look at is said as such, not as missing."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise PartiError(f"could not read {spec!r}: permission denied; check its permissions and its folders'") from None
+    except OSError:
+        return False
+    return True
 
 
 def _hub_roots() -> tuple[Path, ...]:
@@ -331,7 +377,11 @@ def _load_tables(path: str, spec: str, *, data_files: str | dict | None = None, 
 def _walk(root: Path) -> tuple[list[Path], set[Path], list[Path], list[Path]]:
     """One recursive listing: image files (sorted), .txt files, .parquet files, metadata files."""
     images, texts, parquets, metadata = [], set(), [], []
-    for folder, dirs, files in os.walk(root):
+
+    def unreadable(err: OSError) -> None:  # os.walk would skip the folder without a word
+        raise PartiError(f"could not read {err.filename}: {err.strerror or err}; check its permissions")
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, .cache, ...
         for f in files:
             if f.startswith("."):
@@ -395,31 +445,67 @@ def _pick_split(tables: Any, split: str, spec: str) -> tuple[Any, _EveryNth | No
     return tables[base], _EveryNth(val=split == "val")
 
 
+def is_condition_name(column: str) -> bool:
+    """Whether a column's name says it holds a condition (`conditioning_image`, `mask`, `depth_map`, ...)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", column.lower()) if w]
+    return any(w in CONDITION_WORDS or w.startswith(("conditioning", "control")) for w in words)
+
+
 def find_columns(columns: list[str], *, images: list[str], texts: list[str], image_column: str | None,
                  caption_column: str | None, spec: str) -> tuple[str, str | None]:
-    """(image column, caption column or None) of a table. Given names must exist; otherwise the image column is
-    the first of IMAGE_COLUMNS present (or the only image-typed one), the caption column the first of
-    CAPTION_COLUMNS present (or the only text column; several unnamed ones are ambiguous: ask). `images` and
-    `texts` are the columns typed as images and as strings."""
+    """(image column, caption column or None) of a table, chosen on purpose and logged. Given names must exist.
+    Otherwise the image column is the first of IMAGE_COLUMNS present, or the table's only image-typed column
+    when its name does not say it is a condition (`is_condition_name`: a ControlNet table without `image` must
+    not train on its `conditioning_image`); the caption column is the first of CAPTION_COLUMNS present, or the
+    only text column (several unnamed ones are ambiguous: ask). `images` and `texts` are the columns typed as
+    images and as strings."""
+    how = "given"
     if image_column is None:
-        image_column = next((c for c in IMAGE_COLUMNS if c in columns), images[0] if len(images) == 1 else None)
+        how, image_column = "named like an image", next((c for c in IMAGE_COLUMNS if c in columns), None)
+        if image_column is None and len(images) == 1 and not is_condition_name(images[0]):
+            how, image_column = "the only image column", images[0]
         if image_column is None:
-            raise PartiError(f"{spec!r} has no image column among {columns}; pass --image-column")
+            conditions = [c for c in images if is_condition_name(c)]
+            said = (f"; {conditions} {'is' if len(conditions) == 1 else 'are'} named like a condition (a ControlNet "
+                    f"input), not the picture to learn") if conditions else ""
+            raise PartiError(f"{spec!r} has no image column named like one ({', '.join(IMAGE_COLUMNS)}) among "
+                             f"{columns}{said}; pass --image-column")
     elif image_column not in columns:
         raise PartiError(f"column {image_column!r} not in dataset; columns are {columns}; pass --image-column")
+    caption, caption_how = _find_caption(columns, texts, caption_column, spec)
+    log.info("%s: images from column %r (%s); captions from %s", spec, image_column, how,
+             f"column {caption!r} ({caption_how})" if caption else "no column (images only)")
+    return image_column, caption
+
+
+def _find_caption(columns: list[str], texts: list[str], caption_column: str | None,
+                  spec: str) -> tuple[str | None, str]:
+    """(caption column or None, how it was chosen): see `find_columns`."""
     if caption_column == "none":
-        return image_column, None
+        return None, "none asked"
     if caption_column is not None:
         if caption_column not in columns:
             raise PartiError(f"column {caption_column!r} not in dataset; columns are {columns}; pass --caption-column")
-        return image_column, caption_column
+        return caption_column, "given"
     found = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    if found is None and len(texts) == 1:
-        found = texts[0]
-    elif found is None and texts:  # several text columns, none with a caption's name: ask rather than guess
+    if found is not None:
+        return found, "named like a caption"
+    if len(texts) == 1:
+        return texts[0], "the only text column"
+    if texts:  # several text columns, none with a caption's name: ask rather than guess
         raise PartiError(f"{spec!r} has text columns {texts} and none is named like a caption; pass "
                          "--caption-column (or --caption-column none for images only)")
-    return image_column, found
+    return None, "no text column"
+
+
+def _is_text_feature(feature: Any) -> bool:
+    """A string column, or a list of strings (several captions a row: the first is used)."""
+    import datasets
+
+    inner = getattr(feature, "feature", None)  # List / Sequence / LargeList of ...
+    if inner is not None and not isinstance(feature, datasets.Value):
+        feature = inner
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def _open_table(tables: Any, spec: str, image_column: str | None, caption_column: str | None,
@@ -433,6 +519,11 @@ def _open_table(tables: Any, spec: str, image_column: str | None, caption_column
         columns, images=[c for c, f in features.items() if isinstance(f, datasets.Image)],
         texts=[c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")],
         image_column=image_column, caption_column=caption_column, spec=spec)
+    if caption_column is not None and caption_column in features and not _is_text_feature(features[caption_column]):
+        feature = features[caption_column]
+        kind = getattr(feature, "dtype", None) or {"dict": "struct"}.get(type(feature).__name__, type(feature).__name__)
+        raise PartiError(f"{spec!r}: caption column {caption_column!r} holds {kind} values, not text; captions "
+                         f"must be strings: pass --caption-column with a text column (or --caption-column none)")
     if isinstance(features.get(image_column), datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))  # we decode, and skip failures
     table = table.select_columns([c for c in (image_column, caption_column) if c])

@@ -183,8 +183,9 @@ class Decoder(nn.Module):
         self.weights_key: tuple | None = None  # with frozen weights: the weights' key when compiled
 
     @staticmethod
-    def _linear(m: nn.Linear, rows: int, packed: bool):
-        return PackedLinear(m, rows) if packed else m
+    def _linear(m: nn.Module, rows: int, packed: bool):
+        # Plain float linears only: others (int8 ones, `parti.quantize`) bring their own kernels.
+        return PackedLinear(m, rows) if packed and type(m) is nn.Linear else m
 
     def start(self, context: torch.Tensor, context_mask: torch.Tensor, model: Generator) -> None:
         """A new batch of prompts: context (B, L', dim) with L' <= context_len, mask (B, L') bool."""

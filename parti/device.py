@@ -69,14 +69,15 @@ def choose_mixed_precision() -> str:
     return choice
 
 
-SAMPLING_DTYPES = ("auto", "fp32", "bf16")
+SAMPLING_DTYPES = ("auto", "fp32", "bf16", "int8")
 
 
 def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
     """The generator's weight (and so KV cache) dtype for sampling. auto: bf16 on CUDA devices of compute
     capability 8.0 or more (Ampere on), else fp32: the rule of `choose_mixed_precision` (`fast_bf16`). Where training would use fp16, sampling keeps fp32: fp16 logits and cache risk overflow.
     bf16 halves the bytes each decoding step reads (weights and cache), which bound sampling at small
-    batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md)."""
+    batches; on CPUs with AMX it is also faster arithmetic (docs/benchmarks.md). int8 (CPU): fp32 here, the
+    decoder's linears then stored int8 and checked by `parti.quantize.load_int8`; auto never picks it."""
     if name not in SAMPLING_DTYPES:
         raise PartiError(f"dtype must be one of {', '.join(SAMPLING_DTYPES)}; got {name!r}")
     if name == "auto":

@@ -39,6 +39,7 @@ from parti.metrics import (clip_similarity, codebook_stats, fid_from_features, l
 from parti.pipeline import load_pipeline
 from parti.plots import to_uint8
 from parti.prompts import eval_prompts
+from parti.runs import check_output
 from parti.sampling import SamplingParams
 from parti.settings import check_settings, setting
 from parti.tokenizer import load_tokenizer
@@ -463,8 +464,29 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _results_reason(path: Path) -> str | None:
+    """None when `path` holds results `write_results` wrote (a "settings" object naming the checkpoint, an
+    "errors" object), else why writing over it is refused."""
+    try:
+        data = read_json(path)
+    except PartiError:
+        return "is not a results file parti wrote"
+    settings = data.get("settings")
+    ours = isinstance(settings, dict) and "checkpoint" in settings and isinstance(data.get("errors"), dict)
+    return None if ours else "is not a results file parti wrote"
+
+
+def results_out(cfg: EvalConfig, default_name: str) -> Path:
+    """Where an evaluation's results go (`cfg.out`, else CHECKPOINT/`default_name`), checked before any work by
+    the output guard (`parti.runs.check_output`): inside a model or run folder only as its `default_name`,
+    never over a file but results parti wrote, never where nothing can be written."""
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / default_name
+    return check_output(out, slots=(default_name,), replaces=_results_reason)
+
+
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
-    """Write `results` as JSON (atomic: a crash never leaves half a file)."""
-    path = Path(path)
+    """Write `results` as JSON (atomic: a crash never leaves half a file), through the output guard: inside a
+    model or run folder only as eval.json or eval_tokenizer.json, and over no file but earlier results."""
+    path = check_output(path, slots=(EVAL_NAME, EVAL_TOKENIZER_NAME), replaces=_results_reason)
     write_json(path, results)
     return path

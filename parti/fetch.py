@@ -9,21 +9,28 @@ through a Drive mount is slow, so training reads a local copy; `fetch_ffhq_thumb
     source=FOLDER      a folder holding that layout (e.g. on Google Drive: copied file by file)
 
 A folder it finished is marked (`.parti_complete`) and returned at once next time. Extraction writes into a
-temporary sibling and renames it into place, so a disconnect mid-way leaves nothing half-made behind.
+temporary sibling and renames it into place, so a disconnect mid-way leaves nothing half-made behind; the
+zip's copy kept on Drive is written the same way, so a kill mid-copy leaves no truncated zip for later runs.
+Nothing read is trusted: each zip member is bounded in size and compression ratio (a zip bomb is refused
+before it is inflated, and a header that lies is caught while copying), a corrupt member is a one-line error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from parti.errors import PartiError
+from parti.files import check_writable, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,9 @@ FFHQ_COUNT = 70_000
 MARKER = ".parti_complete"
 # A thumbnail inside any wrapping folder: "thumbnails128x128/12000/12345.png" -> "12000/12345.png".
 _MEMBER = re.compile(r"(?:^|/)(\d{5}/\d{5}\.png)$")
+# A 128x128 thumbnail is ~30 KB and PNG barely compresses further: a member above either bound is not one.
+MAX_MEMBER_BYTES = 4 << 20
+MAX_MEMBER_RATIO = 50  # inflated / stored bytes
 
 
 def fetch_ffhq_thumbnails(dest: str | Path = "data/ffhq128", *, source: str | Path | None = None,
@@ -48,6 +58,12 @@ def fetch_ffhq_thumbnails(dest: str | Path = "data/ffhq128", *, source: str | Pa
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise PartiError(f"{dest} exists and is not a finished thumbnails folder; remove it or choose another "
                          f"destination")
+    check_writable(dest, what="the thumbnails' destination")  # before a 2 GB download, not after it
+    if keep_copy is not None:
+        keep = Path(keep_copy).expanduser()
+        if keep.exists() and not keep.is_dir():
+            raise PartiError(f"keep_copy {keep} is a file; give a folder to keep the zip in")
+        check_writable(keep, what="keep_copy")
     if source is not None and Path(source).expanduser().is_dir():
         return _copy_folder(Path(source).expanduser(), dest, progress=progress)
     if source is None:
@@ -57,12 +73,28 @@ def fetch_ffhq_thumbnails(dest: str | Path = "data/ffhq128", *, source: str | Pa
         if not zip_path.is_file():
             raise PartiError(f"{source} is neither a zip file nor a folder; give the thumbnails zip or folder")
     if keep_copy is not None:
-        kept = Path(keep_copy).expanduser() / zip_path.name
-        if not kept.exists():
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            log.info("keeping a copy of %s in %s for the next runtime", zip_path.name, kept.parent)
-            shutil.copyfile(zip_path, kept)
+        _keep_copy(zip_path, Path(keep_copy).expanduser() / zip_path.name)
     return _extract(zip_path, dest, progress=progress)
+
+
+def _keep_copy(zip_path: Path, kept: Path) -> None:
+    """Copy the zip to `kept` through a temporary sibling renamed into place once whole: a kill mid-copy (a
+    runtime that disconnects while writing to Drive) leaves no truncated zip for the next runtime to pick up."""
+    if kept.exists():
+        return
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    log.info("keeping a copy of %s in %s for the next runtime", zip_path.name, kept.parent)
+    partial = kept.with_name(f".{kept.name}.partial")
+    try:
+        shutil.copyfile(zip_path, partial)
+        if partial.stat().st_size != zip_path.stat().st_size:
+            raise OSError(f"the copy holds {partial.stat().st_size} of {zip_path.stat().st_size} bytes")
+        os.replace(partial, kept)
+        fsync_dir(kept.parent)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        log.warning("could not keep a copy of %s in %s (%s); the next runtime downloads it again", zip_path.name,
+                    kept.parent, getattr(e, "strerror", None) or e)
 
 
 def _check_space(folder: Path, needed: int, what: str) -> None:
@@ -95,30 +127,66 @@ def _extract(zip_path: Path, dest: Path, *, progress: bool) -> Path:
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise PartiError(f"{zip_path} is not a readable zip ({e}); download it again") from None
+        raise PartiError(f"{zip_path} is not a readable zip ({e}); delete it and fetch again (the Hub mirror is "
+                         f"downloaded again), or give another copy") from None
     with archive:
         members = [(info, m.group(1)) for info in archive.infolist() if (m := _MEMBER.search(info.filename))]
         if not members:
             raise PartiError(f"{zip_path} holds no thumbnails in the NNNNN/NNNNN.png layout; is it FFHQ's "
                              f"thumbnails128x128?")
         _check_space(dest.parent, sum(info.file_size for info, _ in members), "extracting the thumbnails")
-        licence = [info for info in archive.infolist() if info.filename.endswith("LICENSE.txt")]
+        licence = [info for info in archive.infolist() if info.filename.endswith("LICENSE.txt")][:1]
+        for info in [i for i, _ in members] + licence:
+            _check_member(zip_path, info)  # all of them before a byte is inflated
         tmp = dest.with_name(f".{dest.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         for info, name in tqdm(members, desc="extracting FFHQ thumbnails", unit="file", disable=not progress):
             target = tmp / name  # `name` matched NNNNN/NNNNN.png: it cannot leave `tmp`
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
+            _copy_member(zip_path, archive, info, target)
         if licence:
-            (tmp / "LICENSE.txt").write_bytes(archive.read(licence[0]))
+            _copy_member(zip_path, archive, licence[0], tmp / "LICENSE.txt")
     return _finish(tmp, dest, len(members))
+
+
+def _check_member(zip_path: Path, info: zipfile.ZipInfo) -> None:
+    """A member's header: at most MAX_MEMBER_BYTES inflated, at most MAX_MEMBER_RATIO times its stored size."""
+    if info.file_size > MAX_MEMBER_BYTES or info.file_size > MAX_MEMBER_RATIO * max(info.compress_size, 1):
+        raise PartiError(f"{zip_path}: member {info.filename} inflates to {info.file_size:,} bytes from "
+                         f"{info.compress_size:,} (a thumbnail is ~30 KB, barely compressed); this is not FFHQ's "
+                         f"thumbnails zip: delete it and fetch again")
+
+
+def _copy_member(zip_path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
+    """Inflate one member into `target`, stopping at MAX_MEMBER_BYTES whatever its header says; a member that
+    cannot be read (bad CRC, truncated, an unknown compression) is a one-line error."""
+    written = 0
+    try:
+        with archive.open(info) as src, open(target, "wb") as out:
+            while block := src.read(1 << 16):
+                written += len(block)
+                if written > MAX_MEMBER_BYTES:
+                    raise PartiError(f"{zip_path}: member {info.filename} inflates past {MAX_MEMBER_BYTES:,} bytes, "
+                                     f"more than its header says; this is not FFHQ's thumbnails zip: delete it and "
+                                     f"fetch again")
+                out.write(block)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        raise PartiError(f"{zip_path}: member {info.filename} is corrupt ({e}); delete the zip and fetch again "
+                         f"(the Hub mirror is downloaded again)") from None
+    except OSError as e:  # a full disk, or the zip unreadable mid-way (a Drive mount that went away)
+        raise PartiError(f"extracting {info.filename} from {zip_path} failed ({e.strerror or e}); free disk space "
+                         f"or check the zip's disk, then fetch again") from None
 
 
 def _copy_folder(source: Path, dest: Path, *, progress: bool) -> Path:
     files = sorted(p for p in source.rglob("*.png") if _MEMBER.search(p.relative_to(source).as_posix()))
     if not files:
         raise PartiError(f"{source} holds no thumbnails in the NNNNN/NNNNN.png layout")
+    for path in files:  # a FIFO would hang the copy, /dev/zero never end it
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MEMBER_BYTES:
+            raise PartiError(f"{path} is not a thumbnail (not a regular file of at most {MAX_MEMBER_BYTES:,} "
+                             f"bytes); remove it from {source}")
     _check_space(dest.parent, sum(p.stat().st_size for p in files), "copying the thumbnails")
     tmp = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,10 @@
 
 `atomic_write(path, write)` writes through a temporary file in the same folder, fsyncs it and renames it
 over `path`, so a kill leaves the old file or the new one, never a mix. `read_json` refuses anything but a
-JSON object with a one-line error.
+JSON object with a one-line error. Every reader opens only regular files under a size bound (`regular_file`):
+a FIFO would hang it and `/dev/zero` would never end. `check_writable` finds, before any work, an output
+that could not be written (under a file, on a read-only disk, in /proc); `parti.runs.check_output` is the
+output guard every writer calls, built on it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,14 +77,73 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+MAX_JSON_BYTES = 64 << 20  # config.json, run.json, manifests, results: kilobytes each; far above any we write
+
+
+def regular_file(path: str | Path, *, limit: int, what: str = "file") -> int:
+    """The size of `path` (symlinks followed) when it is a regular file of at most `limit` bytes, else a
+    one-line PartiError: missing, unreadable (permissions said as such, not as missing), a folder, a FIFO or
+    device (a reader would hang, or never reach the end), or larger than `limit` (`what` names the file)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PartiError(f"{path} not found") from None
+    except PermissionError:
+        raise PartiError(f"could not read {path}: permission denied; check the file and its folders' "
+                         f"permissions") from None
+    except OSError as e:  # a symlink loop, a name too long, an I/O error
+        raise PartiError(f"could not read {path}: {e.strerror or e}; check the file") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise PartiError(f"could not read {path}: it is a folder, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise PartiError(f"could not read {path}: it is not a regular file (a pipe, device or socket, perhaps "
+                         f"through a symlink); replace it with the {what} itself")
+    if st.st_size > limit:
+        raise PartiError(f"{path} holds {st.st_size:,} bytes, more than a {what} may ({limit:,}); it is not "
+                         f"one parti wrote: replace it")
+    return st.st_size
+
+
+def read_bytes(path: str | Path, *, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (`regular_file`); one that grew past the bound
+    since it was checked is refused too."""
+    regular_file(path, limit=limit, what=what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except PermissionError:
+        raise PartiError(f"could not read {path}: permission denied; check the file's permissions") from None
+    except OSError as e:
+        raise PartiError(f"could not read {path}: {e.strerror or e}; check the file and its permissions") from None
+    if len(data) > limit:
+        raise PartiError(f"{path} grew past {limit:,} bytes while it was read; it is not a {what} parti wrote")
+    return data
+
+
+def check_writable(path: str | Path, *, what: str = "--out") -> Path:
+    """Refuse now, not after the work, an output `path` that cannot be written: a path under a file, or one
+    whose nearest existing folder takes no new file (read-only, /proc, permissions; probed with an unnamed
+    temporary file, so nothing is left behind). Returns the path, with ~ expanded."""
+    path = Path(path).expanduser()
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise PartiError(f"{what} {path} lies under {existing}, which is a file, not a folder; choose another {what}")
+    folder = existing if existing.is_dir() else existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PartiError(f"{what} {path} cannot be written: {folder} takes no new file ({e.strerror or e}); "
+                         f"choose another {what}") from None
+    return path
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PartiError(f"{path} not found") from None
-    except OSError as e:  # unreadable (permissions), a folder, an I/O error
-        raise PartiError(f"could not read {path}: {e.strerror or e}; check the file and its permissions") from None
+        data = json.loads(read_bytes(path, limit=MAX_JSON_BYTES, what="JSON file"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PartiError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
     if not isinstance(data, dict):

@@ -28,22 +28,30 @@ log = logging.getLogger(__name__)
 # The Hub's rules for each half of user/name: letters, digits, '-', '_', '.', not at either end.
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+MAX_REVISION = 255  # git refs and commit hashes fit; a longer one is no revision (and no file name in the cache)
+
+
+def _shown(text: str) -> str:
+    """`text` for a message: a very long one is cut, so the error stays one readable line."""
+    return repr(text) if len(text) <= 100 else f"{text[:60]!r}... ({len(text):,} characters)"
 
 
 def parse_repo_id(name: str, *, revision: str | None = None) -> tuple[str, str | None]:
     """'user/name' or 'user/name@rev' -> (repo id, revision); bad characters are a PartiError, before any lookup."""
     repo, at, rev = name.partition("@")
     if at and revision is not None and revision != rev:
-        raise PartiError(f"{name!r} names revision {rev!r} but revision={revision!r} was also given; give one")
+        raise PartiError(f"{_shown(name)} names revision {_shown(rev)} but revision={_shown(revision)} was also "
+                         f"given; give one")
     rev = rev if at else revision
     parts = repo.split("/")
     bad = (len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or "--" in repo or ".." in repo
            or len(repo) > 96)
     if bad:
-        raise PartiError(f"{name!r} is neither an existing folder nor a Hub repo id (user/name[@revision]: "
+        raise PartiError(f"{_shown(name)} is neither an existing folder nor a Hub repo id (user/name[@revision]: "
                          f"letters, digits, '-', '_' and '.')")
-    if rev is not None and (not _REVISION.fullmatch(rev) or ".." in rev):
-        raise PartiError(f"{name!r}: revision {rev!r} is not a branch, tag or commit name")
+    if rev is not None and (len(rev) > MAX_REVISION or not _REVISION.fullmatch(rev) or ".." in rev):
+        raise PartiError(f"{_shown(name)}: revision {_shown(rev)} is not a branch, tag or commit name (at most "
+                         f"{MAX_REVISION} characters: letters, digits, '.', '_', '-', '/')")
     return repo, rev
 
 
@@ -57,7 +65,7 @@ def is_local_path(name_or_path: str | os.PathLike) -> bool:
     name = str(name_or_path)
     repo = name.partition("@")[0]
     return (name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or repo.count("/") > 1
-            or Path(name).expanduser().exists())
+            or os.path.exists(os.path.expanduser(name)))  # False, not an error, for a name too long to be a path
 
 
 def resolve_checkpoint(name_or_path: str | Path, *, revision: str | None = None) -> Path:

@@ -199,7 +199,9 @@ def _fit(stage_cls: type[Stage], cfg: TrainConfig, acc, out: Path) -> Path:
         stage.restore(tensors, meta)
         restore_rng(tensors)  # last: building the models drew from the RNG
         at = Position(meta["step"], meta["epoch"], meta["position"])
-        log.info("resumed from step %d", at.step)
+        log.info("resumed from step %d: continued from step %d of %d (%s)", at.step, at.step, cfg.steps, ckpts.root)
+    elif cfg.resume and run is not None:  # killed before its first save, or its checkpoints deleted: say so
+        (log.warning if run.resumed else log.info)("--resume: no checkpoint in %s: starting at step 0", ckpts.root)
     stage.prepare()
     metrics = MetricsLogger(run.metrics_path) if run else None
     if metrics is not None and state is not None:
@@ -235,7 +237,7 @@ def _loop(stage: Stage, cfg: TrainConfig, ckpts: Checkpoints, metrics: MetricsLo
             if stage.may_skip_batches and total_over_ranks(acc, float(batch is None)) > 0:
                 continue
             set_lr(stage.optimizer, lr_at(at.step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps))
-            seen += stage.train_step(batch, at.step) * acc.num_processes
+            seen += _step_fitting_memory(stage, batch, at.step, cfg.batch_size) * acc.num_processes
             at.step += 1
             bar.update(1)
             last = at.step == cfg.steps
@@ -262,6 +264,20 @@ def _loop(stage: Stage, cfg: TrainConfig, ckpts: Checkpoints, metrics: MetricsLo
                             say(cli="rerun with --resume to continue", notebook="run this cell again to continue"))
                 break
     bar.close()
+
+
+def _step_fitting_memory(stage: Stage, batch: Any, step: int, batch_size: int) -> int:
+    """One training step; a batch that does not fit the GPU is a one-line error that says what to change (the
+    newest checkpoint is kept), not CUDA's traceback. The first step is the probe: it is where it shows."""
+    try:
+        return stage.train_step(batch, step)
+    except torch.cuda.OutOfMemoryError:
+        dev = stage.acc.device
+        size = f" ({torch.cuda.get_device_properties(dev).total_memory / 2**30:.1f} GiB)" if dev.type == "cuda" else ""
+        raise PartiError(f"step {step + 1}: a batch of {batch_size} does not fit the GPU's memory{size}; "
+                         + say(cli="lower --batch-size (or choose a smaller --preset), then run again with --resume",
+                               notebook="lower the batch size (or choose a smaller preset) in the configuration "
+                                        "cell, then run the cells again")) from None
 
 
 def _report(guards: list[NonFiniteGuard]) -> None:

@@ -14,12 +14,12 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from parti.app import build_app
 from parti.checkpoint import CACHE_DIR, GRID_GLOB, MANIFEST_NAME, SAMPLES_DIR, TOKENIZER_DIR
 from parti.data import find_columns, open_source, to_tensor
 from parti.device import choose_mixed_precision, detect_device
@@ -320,17 +320,15 @@ def train(train_fn: Callable[[Any], Path], config: Any) -> Path:
     return out
 
 
-def launch_demo(pipe, *, share: bool | None = None) -> bool:
-    """The web demo inline below the cell (a public link on Colab unless `share` says otherwise). It is the
-    notebook's last cell: a demo that cannot start (no gradio, an old or new gradio, no network) logs why in one
-    line and returns False, so Run all still ends cleanly with every result above it."""
+@contextmanager
+def demo_guard() -> Iterator[None]:
+    """Around the web-demo cell, the notebook's last: a demo that cannot start (no gradio, an old or new
+    gradio, no network) logs why in one line, so Run all still ends cleanly with every result above it."""
     try:
-        build_app(pipe).queue().launch(share=in_colab() if share is None else share)
+        yield
     except Exception as e:  # whatever gradio raises: the results above are complete without the demo
         logging.getLogger(__name__).warning("the web demo could not start (%s: %s); the results above are "
                                             "complete", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return False
-    return True
 
 
 def example_prompts(run: NotebookRun) -> tuple[str, ...]:

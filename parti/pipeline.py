@@ -21,8 +21,10 @@ from parti.device import SAMPLING_DTYPES, default_device, sampling_dtype
 from parti.errors import PartiError
 from parti.generator import Generator, load_generator
 from parti.hub import is_local_path, resolve_checkpoint
+from parti.quantize import load_int8
 from parti.sampling import SamplingParams, generate
 from parti.settings import check_settings, setting
+from parti.speculative import generate_speculative, sjd_window
 from parti.tokenizer import VQTokenizer, load_tokenizer
 
 
@@ -70,9 +72,17 @@ class Pipeline:
     def __call__(self, prompts: list[str] | str, sampling: SamplingParams = SamplingParams(), *,
                  num_images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64,
                  return_codes: bool = False) -> PipelineOutput:
+        if not isinstance(prompts, (str, list, tuple)):  # None, a number, a dict, a generator: say so, no TypeError
+            raise PartiError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}; "
+                             f'call pipe(["a prompt", ...])')
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PartiError("no prompts given; pass at least one prompt")
+        odd = [p for p in prompts if not isinstance(p, str)]
+        if odd:
+            raise PartiError(f"prompts must be strings, got a {type(odd[0]).__name__} among them; convert them to str")
+        if not isinstance(return_codes, bool):
+            raise PartiError(f"return_codes must be True or False, got {return_codes!r}")
         if not isinstance(sampling, SamplingParams):
             raise PartiError(f"sampling must be a parti.SamplingParams, got {type(sampling).__name__}")
         per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -80,14 +90,21 @@ class Pipeline:
         rows = [p for p in prompts for _ in range(per_prompt)]
         self._check_size(len(rows))
         rng = torch.Generator(device=self.device).manual_seed(_check_seed(seed))
+        # Unset, the window is the device's measured choice for eager decoding: not where compiling was asked for.
+        auto_plain = sampling.sjd_window is None and use_compile(self.compile, torch.device(self.device))
         codes = []
         for i in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch",
                       disable=len(rows) <= batch_size):
             chunk = rows[i:i + batch_size]
             states, mask = self.text_encoder.encode(chunk)
             ctx, ctx_mask = self.generator.encode_condition(states.to(self.device), mask.to(self.device))
-            codes.append(generate(self.generator, ctx, ctx_mask, params=sampling, generator=rng,
-                                  compile=self.compile))
+            # Speculative Jacobi decoding where the window is over one token: the same distribution, another
+            # random stream.
+            if sjd_window(sampling, self.generator, len(chunk)) > 1 and not auto_plain:
+                codes.append(generate_speculative(self.generator, ctx, ctx_mask, params=sampling, generator=rng).codes)
+            else:
+                codes.append(generate(self.generator, ctx, ctx_mask, params=sampling, generator=rng,
+                                      compile=self.compile))
         g = self.tokenizer.config.grid_size
         codes = torch.cat(codes).reshape(-1, g, g)
         images = torch.cat([self.tokenizer.decode(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
@@ -137,7 +154,7 @@ def load_pipeline(folder: str | Path, *, device: str | torch.device | None = Non
                   compile: bool | str = "auto", revision: str | None = None) -> Pipeline:
     """Everything needed to go from prompts to images, from a generator folder alone.
 
-    dtype: the generator's weights for sampling ("auto", "fp32", "bf16"; see `sampling_dtype`). Logits
+    dtype: the generator's weights for sampling ("auto", "fp32", "bf16", "int8"; see `sampling_dtype`). Logits
     are fp32 either way; the tokenizer and text encoder stay fp32. compile: see `Pipeline`.
     """
     folder = resolve_checkpoint(folder, revision=revision)  # a Hub repo id 'user/name[@rev]' -> its cached folder
@@ -145,6 +162,8 @@ def load_pipeline(folder: str | Path, *, device: str | torch.device | None = Non
     weights = sampling_dtype(dtype, device)
     generator, data = load_generator(folder, device=device)
     generator = as_sampling_dtype(generator, weights)
+    if dtype == "int8":  # int8 decoder linears, refused when its logits stray from fp32's
+        generator = load_int8(generator)
     tokenizer = load_tokenizer(folder / "tokenizer", device=device)
     if tokenizer.fingerprint() != data.get("tokenizer_fingerprint"):
         raise PartiError(f"{folder}/tokenizer is not the tokenizer the generator was trained with "
@@ -167,7 +186,8 @@ class LoadOptions:
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) of a repo id --checkpoint (default: "
                                    "its @revision, else main)")
     device: str | None = setting(None, "cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
-    dtype: str = setting("auto", "generator weights while sampling (auto: bf16 on GPUs that have it, else fp32)",
+    dtype: str = setting("auto", "generator weights while sampling (auto: bf16 on GPUs that have it, else fp32; "
+                         "int8: CPU, the decoder's linears int8, refused when its logits stray from fp32's)",
                          choices=SAMPLING_DTYPES)
     compile: str = setting("auto", "decode through the compiled step (auto: on GPUs; on a CPU, 'on' compiles once "
                            "per batch shape, tens of seconds, then samples faster)", choices=tuple(COMPILE_MODES))

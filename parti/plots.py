@@ -28,7 +28,7 @@ from parti.checkpoint import CONFIG_NAME, METRICS_NAME, SAMPLES_DIR, WEIGHTS_NAM
 from parti.errors import PartiError
 from parti.files import atomic_write, read_json
 from parti.metrics import usage_from_counts
-from parti.runs import read_metrics, save_image
+from parti.runs import check_output, read_metrics, save_image
 from parti.settings import check_settings, setting
 
 FILL = 255  # white padding between tiles
@@ -362,6 +362,16 @@ def _latest_grids(samples: Path) -> dict[str, Path]:
     return {name: png for name, (step, png) in sorted(newest.items())}
 
 
+PLOTS_DIR = "plots"  # a run's pictures from `plot_run`: loss_curves.png, codebook_usage.png, latest_<series>.png
+
+
+def _not_plots(folder: Path) -> str | None:
+    """None when `folder` holds only pictures `plot_run` writes (and hidden files), else what else it holds."""
+    other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not
+                   re.fullmatch(r"loss_curves\.png|codebook_usage\.png|latest_.+\.png", p.name))
+    return f"holds files `parti plot` did not write ({other[:5]})" if other else None
+
+
 @dataclasses.dataclass
 class PlotConfig:
     """`parti plot`: the arguments of `plot_run`."""
@@ -388,7 +398,10 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
         shown = ", ".join(held[:10]) + (f", ... ({len(held)} entries)" if len(held) > 10 else "")
         raise PartiError(f"{run_dir} is not a run folder (no {METRICS_NAME}; it holds: {shown or 'nothing'}); "
                          f"give the --out folder of `parti train`")
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    # The output guard, before any drawing: a run's own plots/ (or a folder outside every run and model) that
+    # holds nothing but earlier pictures of `plot_run`.
+    out = check_output(Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR, what="--out", folder=True,
+                       slots=(PLOTS_DIR,), replaces=_not_plots)
     written: list[Path] = []
     records = read_metrics(run_dir / METRICS_NAME)
     if any(_is_number(v) and k not in NON_METRIC_KEYS for r in records for k, v in r.items()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from parti.checkpoint import CACHE_DIR, CONFIG_NAME, DEMO_NAME, EVAL_NAME, GRID_
 from parti.errors import PartiError
 from parti.evaluate import format_table
 from parti.files import read_json
-from parti.hub import parse_repo_id, resolve_checkpoint
+from parti.hub import is_local_path, parse_repo_id, resolve_checkpoint
 from parti.pipeline import load_pipeline
+from parti.runs import check_output
 from parti.settings import check_settings, setting
 
 SAMPLE_NAME = "samples.png"  # the run's latest sample grid, shown in the model card
@@ -42,18 +44,39 @@ def prepare_upload(checkpoint: str | Path, folder: str | Path, *, repo_id: str |
     checkpoint, folder = resolve_checkpoint(checkpoint), Path(folder)  # a Hub repo id may be pushed elsewhere
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise PartiError(f"upload folder {folder} is not empty; give a new folder")
+    # The staging folder goes through the output guard too: never inside the checkpoint or another model.
+    check_output(folder, what="upload folder", folder=True, reads=(checkpoint,), replaces=lambda empty: None)
     pipe = load_pipeline(checkpoint, device="cpu", dtype="fp32")  # refuses inconsistent folders
     folder.mkdir(parents=True, exist_ok=True)
     for rel in MODEL_FILES:
         if (checkpoint / rel).is_file():
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint / rel, folder / rel)  # copyfile: a snapshot's symlink becomes a file
-    grids = sorted((checkpoint / SAMPLES_DIR).glob(GRID_GLOB))
-    if grids:
-        shutil.copyfile(grids[-1], folder / SAMPLE_NAME)  # step numbers are zero-padded: the last is the latest
-    card = model_card(pipe, checkpoint=checkpoint, repo_id=repo_id, sample=SAMPLE_NAME if grids else None)
+    grid = latest_grid(checkpoint)
+    if grid is not None:
+        shutil.copyfile(grid, folder / SAMPLE_NAME)
+    card = model_card(pipe, checkpoint=checkpoint, repo_id=repo_id, sample=SAMPLE_NAME if grid else None)
     (folder / CARD_NAME).write_text(card)
     return folder
+
+
+MAX_SAMPLE_BYTES = 64 << 20  # a sample grid is a few MB; anything larger is not one
+
+
+def latest_grid(checkpoint: Path) -> Path | None:
+    """The run's newest sample grid (samples/step_*.png, zero-padded: the last name is the latest) that is a
+    regular file of its own: a symlink there (to a key, a token, another file) is never published, nor a
+    pipe or a file too large to be a grid; each one passed over is logged."""
+    for grid in sorted((checkpoint / SAMPLES_DIR).glob(GRID_GLOB), reverse=True):
+        try:
+            info = grid.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_SAMPLE_BYTES:
+            return grid
+        log.warning("not publishing %s: %s", grid, "a symlink" if stat.S_ISLNK(info.st_mode) else
+                    "not a regular file of at most 64 MB")
+    return None
 
 
 @dataclass
@@ -78,10 +101,30 @@ def push_to_hub(checkpoint: str | Path, repo_id: str, *, private: bool = False, 
 
     with tempfile.TemporaryDirectory(prefix="parti-push-") as tmp:
         folder = prepare_upload(checkpoint, Path(tmp) / "upload", repo_id=repo_id)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        try:
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        except Exception as e:  # noqa: BLE001 - offline, unreachable, refused, not logged in: one line each way
+            raise PartiError(_push_failure(repo_id, e)) from None
     return str(getattr(commit, "commit_url", commit))
+
+
+def _push_failure(repo_id: str, error: Exception) -> str:
+    """What to do when the upload failed: go online, log in, or try again."""
+    from huggingface_hub import errors
+
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, errors.OfflineModeIsEnabled):
+        return f"cannot push {repo_id}: the Hub is offline here (HF_HUB_OFFLINE=1); unset it, go online, and push again"
+    if isinstance(error, errors.LocalTokenNotFoundError) or status in (401, 403):
+        return (f"the Hub refused to push {repo_id} ({first}); log in with `hf auth login` using a token that may "
+                f"write to it, then push again")
+    if isinstance(error, errors.HfHubHTTPError):
+        return f"the Hub refused to push {repo_id} ({first}); check the repo id and your access, then push again"
+    return (f"could not reach the Hub to push {repo_id} ({type(error).__name__}: {first}); check the network "
+            f"and push again")
 
 
 def _count(module) -> int:
@@ -90,6 +133,15 @@ def _count(module) -> int:
 
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def public_name(data: str) -> str:
+    """How the card names training data: synthetic and Hub ids as they are; a local path by its last folder's
+    name only (a machine path says who trained it and where, and is of no use to a reader)."""
+    name = data.removeprefix("hf:")
+    if data == "unknown" or data.startswith("hf:") and not is_local_path(name):
+        return f"`{data}`"
+    return f"a local copy named `{Path(name).expanduser().name or 'data'}`"
 
 
 def training_data(checkpoint: Path, record: dict[str, Any]) -> tuple[str, str, str]:
@@ -107,10 +159,10 @@ def training_data(checkpoint: Path, record: dict[str, Any]) -> tuple[str, str, s
                 "The synthetic faces are generated by this project's own code: no third-party images, "
                 "no third-party licence terms.")
     if "ffhq" in data.lower():
-        return (f"FFHQ (Flickr-Faces-HQ, NVIDIA) with captions, from `{data}`", FFHQ_LICENSE,
+        return (f"FFHQ (Flickr-Faces-HQ, NVIDIA) with captions, from {public_name(data)}", FFHQ_LICENSE,
                 "FFHQ is licensed CC BY-NC-SA 4.0 by NVIDIA: weights trained on it are for non-commercial "
                 "use only, shared alike, with attribution.")
-    return (f"`{data}`", "other", "Check the licence of that dataset before using these weights.")
+    return (public_name(data), "other", "Check the licence of that dataset before using these weights.")
 
 
 def model_card(pipe, *, checkpoint: Path, repo_id: str | None = None, sample: str | None = None) -> str:

@@ -8,9 +8,12 @@ A run folder looks like
       samples/          grids written during training (step_000200.png, ...)
       checkpoints/      model / training-state folders
 
-Nothing we write can destroy work: a run folder is ours only when it is missing, empty, or already one of
-our runs of the same stage (`claim_run_folder`); `RunLock` keeps a second training out of a folder in use;
-`check_output_not_inside` and `check_image_output` refuse outputs that would overwrite a model.
+Nothing we write can destroy work: `check_output` is the one output guard every writer calls before any work
+(never inside a model, run or cache folder but as that folder's entry for the command, never over a file the
+command did not write, never where nothing can be written); `check_output_not_inside` (a training's run
+folder) and `check_image_output` (pictures) are its callers here. A run folder is ours only when it is
+missing, empty, or already one of our runs of the same stage (`claim_run_folder`); `RunLock` keeps a second
+training out of a folder in use. `MetricsLogger` keeps one row a step when steps are run again.
 Nothing here imports transformers or datasets: their versions come from package metadata.
 """
 
@@ -28,7 +31,7 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,7 +47,7 @@ from parti.checkpoint import (
 )
 from parti.device import choose_mixed_precision, detect_device
 from parti.errors import PartiError
-from parti.files import atomic_write, read_json, write_json
+from parti.files import atomic_write, check_writable, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -446,32 +449,104 @@ def _model_kind(folder: Path) -> str | None:
     return kind if kind in MODEL_KINDS else None
 
 
-def check_output_not_inside(out: str | Path, *protected: str | Path | None, what: str = "--out") -> None:
-    """Refuse `out` when it equals or lies inside one of `protected` (the --tokenizer folder a run reads,
-    say), or equals or lies inside a folder holding a parti model that is not this run: writing there
-    would overwrite an export another model depends on (`train-tokenizer --out GEN/tokenizer`)."""
-    target = Path(out).expanduser().resolve()
-    for p in protected:
-        if p is None:
-            continue
-        guarded = Path(p).expanduser().resolve()
-        if target == guarded or guarded in target.parents:
-            raise PartiError(f"{what} {out} is {'' if target == guarded else 'inside '}{p}, which this command "
+def _protected(folder: Path) -> str | None:
+    """What `folder` is when writing into it could destroy work: "tokenizer folder" (any parti model's
+    kind), "run folder" (our run.json) or "code cache" (a cache manifest); None for any other folder."""
+    kind = _model_kind(folder)
+    if kind is not None:
+        return f"{kind} folder"
+    if is_parti_run(folder):
+        return "run folder"
+    manifest = folder / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            return "code cache" if read_json(manifest).get("kind") == "code_cache" else None
+        except PartiError:
+            return None
+    return None
+
+
+def check_output(out: str | Path, *, what: str = "--out", folder: bool = False, slots: tuple[str, ...] = (),
+                 reads: tuple[str | Path | None, ...] = (), may_be: str | None = None,
+                 replaces: Callable[[Path], str | None] | None = None) -> Path:
+    """The one output guard: every writer calls it on its output before any work. Refused, with one line:
+
+    - an existing `out` of the wrong type (`folder`: a file where a folder is written, or the other way round);
+    - `out` equal to or inside a folder this command `reads` (the --tokenizer a training reads);
+    - `out` equal to or inside a model folder, a run folder or a code cache, unless it is one of that folder's
+      `slots` (this command's own entries there: eval.json, plots/, samples/, cache/) or, `may_be` "run" or
+      "cache", that folder itself (a training's own run, an encode's own cache);
+    - an existing `out` that `replaces(path)` does not accept as this command's own output (it returns why
+      not, e.g. "is not an image"); without `replaces` no existing file is written over;
+    - an `out` that cannot be written: under a file, on a read-only disk, in /proc (probed now).
+    Returns `out`, with ~ expanded."""
+    try:
+        return _check_output(Path(out), what=what, folder=folder, slots=slots, reads=reads, may_be=may_be,
+                             replaces=replaces)
+    except OSError as e:  # a name too long to be a path, a loop of symlinks, an I/O error
+        raise PartiError(f"{what} {_shown(out)} cannot be used: {e.strerror or e}; choose another {what}") from None
+
+
+def _shown(path: str | Path) -> str:
+    """A path for a message: a very long one is cut, so the error stays one readable line."""
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:100]}... ({len(text):,} characters)"
+
+
+def _check_output(out: Path, *, what: str, folder: bool, slots: tuple[str, ...], reads: tuple, may_be: str | None,
+                  replaces: Callable[[Path], str | None] | None) -> Path:
+    """`check_output`, which turns the OSErrors a hostile path raises into one line."""
+    target = out.expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise PartiError(f"{what} {out} is a file; give a folder")
+    if not folder and target.is_dir():
+        raise PartiError(f"{what} {out} is a folder; give a file name")
+    resolved = target.resolve()
+    for p in reads:
+        guarded = Path(p).expanduser().resolve() if p is not None else None
+        if guarded is not None and (resolved == guarded or guarded in resolved.parents):
+            raise PartiError(f"{what} {out} is {'' if resolved == guarded else 'inside '}{p}, which this command "
                              f"reads; writing there would overwrite it: choose another {what}")
-    for folder in (target, *target.parents):
-        kind = _model_kind(folder)
-        if kind is None or (folder == target and is_parti_run(folder)):
-            continue  # an --out that is already this run may hold its own export
-        where = "the" if folder == target else "inside the"
-        raise PartiError(f"{what} {out} is {where} {kind} folder {folder}; writing there would overwrite a model "
-                         f"others depend on: choose another {what}")
+    for parent in (resolved, *resolved.parents):
+        desc = _protected(parent)
+        if desc is None or (parent != resolved and resolved.relative_to(parent).parts[0] in slots):
+            continue
+        if parent == resolved and (may_be == "run" and is_parti_run(parent) or may_be == "cache" and
+                                   desc == "code cache"):
+            continue
+        where = "the" if parent == resolved else "inside the"
+        own = f" (inside it, only {', '.join(slots)} {'is' if len(slots) == 1 else 'are'} this command's)" if slots else ""
+        raise PartiError(f"{what} {out} is {where} {desc} {parent}; writing there would overwrite work others "
+                         f"depend on: choose another {what}{own}")
+    if target.exists():
+        reason = "is not an output of this command" if replaces is None else replaces(target)
+        if reason is not None:
+            raise PartiError(f"{what} {out} exists and {reason}; parti writes over nothing it did not write: "
+                             f"choose another {what}, or move that away")
+    check_writable(target, what=what)
+    return target
+
+
+def check_output_not_inside(out: str | Path, *protected: str | Path | None, what: str = "--out") -> None:
+    """A training's run folder: `check_output` refuses `out` when it equals or lies inside one of
+    `protected` (the --tokenizer folder a run reads, say), or a model, run or cache folder that is not this
+    run (`train-tokenizer --out GEN/tokenizer`); whether an existing folder is this run's is
+    `claim_run_folder`'s check."""
+    check_output(out, what=what, folder=True, reads=protected, may_be="run", replaces=lambda path: None)
 
 
 def check_image_output(path: str | Path) -> str:
     """The PIL format for an image output `path` (.png, .jpg/.jpeg, .webp), or a one-line PartiError when
     writing it could destroy something: a folder, an existing file that is not an image, a path in a
     checkpoint folder (next to its config.json, or in its tokenizer/, text_encoder/ or checkpoints/)."""
-    p = Path(path).expanduser()
+    try:
+        return _check_image_output(Path(path))
+    except OSError as e:  # a name too long to be a path, a loop of symlinks, an I/O error
+        raise PartiError(f"--out {_shown(path)} cannot be used: {e.strerror or e}; choose another --out") from None
+
+
+def _check_image_output(path: Path) -> str:
+    p = path.expanduser()
     fmt = IMAGE_FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise PartiError(f"--out {path} must end in {', '.join(IMAGE_FORMATS)}; the suffix picks the image format")
@@ -486,12 +561,15 @@ def check_image_output(path: str | Path) -> str:
                              f"(its {SAMPLES_DIR}/ folder is fine)")
     if p.exists() and not _is_image(p):
         raise PartiError(f"--out {path} exists and is not an image; parti only replaces image files")
+    check_output(p, slots=(SAMPLES_DIR,), replaces=lambda found: None)  # run folders, caches; writable now
     return fmt
 
 
 def _is_image(path: Path) -> bool:
     from PIL import Image
 
+    if not path.is_file():  # a FIFO named x.png would hang the reader
+        return False
     try:
         with Image.open(path) as img:
             img.verify()
@@ -524,7 +602,10 @@ class MetricsLogger:
 
     Each line goes out in one write and is flushed, so a reader sees whole lines (bar a kill mid-write);
     fsync runs at most every `fsync_every` seconds and on close. Opening drops a partial last line left by
-    a killed run, so new lines never glue onto it. Only the main process of a multi-GPU run should log.
+    a killed run, so new lines never glue onto it. The first step logged after opening drops the rows an
+    earlier run logged for that step and later ones: those steps are being run again (a resume from an
+    earlier checkpoint, or from none), and each step keeps one history. Only the main process of a
+    multi-GPU run should log.
     """
 
     def __init__(self, path: str | Path, *, fsync_every: float = 5.0):
@@ -534,6 +615,7 @@ class MetricsLogger:
         _drop_partial_last_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         self._last_sync = time.monotonic()
+        self._rewound = self.path.stat().st_size == 0  # nothing an earlier run logged to drop
 
     def log(self, step: int, **scalars: Any) -> dict[str, Any]:
         if isinstance(step, bool) or not isinstance(step, int):
@@ -541,6 +623,12 @@ class MetricsLogger:
         if "time" in scalars:
             raise ValueError("'time' is written by MetricsLogger; use another name")
         record = {"step": step, **{k: _plain(k, v) for k, v in scalars.items()}, "time": round(time.time(), 3)}
+        if not self._rewound:
+            self._rewound = True
+            dropped = self.truncate_after(step - 1)
+            if dropped:
+                log.warning("%s: dropped %d rows of step %d and later, logged by an earlier run of those steps "
+                            "(they are run again now)", self.path, dropped, step)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if time.monotonic() - self._last_sync >= self.fsync_every:
@@ -550,9 +638,13 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with "step" > `step` (a resumed run re-logs them); return how many were dropped."""
-        self._file.close()
+        self._rewound = True  # the resumed run's rows follow on from here
+        self._file.flush()
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) == len(lines):
+            return 0
+        self._file.close()
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")
         return len(lines) - len(kept)

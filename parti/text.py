@@ -7,7 +7,9 @@ Two kinds, chosen by `build_text_encoder(spec)`:
   generator, as the Parti paper does, with a byte tokenizer or a sentencepiece model trained on the
   dataset's captions. Saved as a self-describing folder (config.json + model.safetensors [+ spm.model]).
 
-Both tokenizers truncate to `max_length` keeping the final eos, and say how many prompts they cut.
+Text is bounded before it is tokenized: cut to MAX_TEXT_BYTES UTF-8 bytes (`clip_text`), so a 50 MB prompt
+costs what a long one does; then both tokenizers truncate to `max_length` keeping the final eos, and say how
+many prompts they cut.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,7 +36,7 @@ from parti.checkpoint import (
     save_model,
 )
 from parti.errors import PartiError
-from parti.files import atomic_write
+from parti.files import atomic_write, read_bytes
 from parti.hub import is_local_path
 from parti.validate import check_model_config, divides, values_of
 
@@ -41,6 +44,9 @@ T5_ALIASES = {f"t5-{s}": f"google-t5/t5-{s}" for s in ("small", "base", "large",
 KIND = "text_encoder"
 
 MAX_TEXT_TOKENS = 128  # tokens kept of a caption or prompt, by default (T5 and the trainable encoder)
+# Bytes kept of a caption or prompt before tokenizing: 64 bytes a token at the default length, far more than
+# any tokenizer here needs (1 for bytes, ~4 for T5 and sentencepiece), and a bound on what one text costs.
+MAX_TEXT_BYTES = 8192
 
 
 class TruncationWarning(UserWarning):
@@ -78,14 +84,32 @@ def _check_texts(texts: list[str]) -> None:
         raise PartiError(f"prompts must be strings, got {bad[0]}; convert captions to str first")
 
 
-def _pad_and_truncate(seqs: list[list[int]], *, max_length: int, pad_id: int, eos_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token lists to the longest (<= max_length); cut longer ones keeping their final eos."""
+def clip_text(text: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, at a character boundary. A character takes at most 4 bytes,
+    so the string is cut to `limit` characters first: the cost never depends on the length given."""
+    if len(text) <= limit // 4:
+        return text
+    data = text[:limit].encode("utf-8", errors="surrogatepass")
+    return text if len(data) <= limit and len(text) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+def _clip_all(texts: list[str]) -> tuple[list[str], set[int]]:
+    """Each text cut to MAX_TEXT_BYTES before tokenizing, and the indices of those that were cut."""
+    clipped = [clip_text(t) for t in texts]
+    return clipped, {i for i, (a, b) in enumerate(zip(texts, clipped)) if a is not b}
+
+
+def _pad_and_truncate(seqs: list[list[int]], *, max_length: int, pad_id: int, eos_id: int,
+                      clipped: set[int] = frozenset()) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists to the longest (<= max_length); cut longer ones keeping their final eos. `clipped`:
+    the texts already cut to their byte bound (counted as cut too)."""
     cut = 0
     out = []
-    for seq in seqs:
+    for i, seq in enumerate(seqs):
         seq = list(seq) or [eos_id]  # at least one real token, even for a tokenizer that adds no eos
-        if len(seq) > max_length:
+        if len(seq) > max_length or i in clipped:
             cut += 1
+        if len(seq) > max_length:
             seq = seq[: max_length - 1] + [eos_id] if seq[-1] == eos_id else seq[:max_length]
         out.append(seq)
     if cut:
@@ -128,10 +152,12 @@ class FrozenT5:
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         _check_texts(texts)
-        # Tokenize untruncated to count what gets cut, then cut ourselves (keeping eos) and warn once.
-        seqs = self.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+        # Cut to the byte bound, tokenize (untruncated, to count what gets cut), then cut to max_length ourselves
+        # (keeping eos) and warn once.
+        texts, clipped = _clip_all(list(texts))
+        seqs = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         ids, mask = _pad_and_truncate(seqs, max_length=self.max_length, pad_id=self.tokenizer.pad_token_id,
-                                      eos_id=self.tokenizer.eos_token_id)
+                                      eos_id=self.tokenizer.eos_token_id, clipped=clipped)
         ids, mask = ids.to(self.device), mask.to(self.device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
         # Padding outputs are meaningless; zero them so cached embeddings do not depend on batching.
@@ -174,6 +200,10 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = MAX_T
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel  # heavy import, only when loading
 
     _check_max_length(max_length)
+    if name_or_path == "trainable":  # a generator whose record of its own text encoder was deleted: not a T5
+        raise PartiError("the generator's config.json does not record its text encoder (its 'text_encoder' entry "
+                         "is missing: it was trained with its own, in text_encoder/); restore config.json, or "
+                         "export the run again with --resume")
     if not isinstance(name_or_path, str) or not name_or_path:
         raise PartiError(f"no T5 named (got {name_or_path!r}): the generator's config.json does not record its text "
                          "encoder; pass the T5 it was trained with (--text-encoder-path PATH)")
@@ -227,8 +257,10 @@ class ByteTokenizer:
     def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """ids (B, L) long and mask (B, L) bool, padded to the longest prompt, each ending in eos."""
         _check_texts(texts)
-        seqs = [[b + 2 for b in t.encode("utf-8")] + [self.eos_id] for t in texts]
-        return _pad_and_truncate(seqs, max_length=self.max_length, pad_id=self.pad_id, eos_id=self.eos_id)
+        texts, clipped = _clip_all(list(texts))
+        seqs = [[b + 2 for b in t.encode("utf-8", errors="replace")] + [self.eos_id] for t in texts]
+        return _pad_and_truncate(seqs, max_length=self.max_length, pad_id=self.pad_id, eos_id=self.eos_id,
+                                 clipped=clipped)
 
     def decode(self, ids: list[int] | Tensor) -> str:
         data = bytes(i - 2 for i in _as_list(ids) if i >= 2)
@@ -246,9 +278,10 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_path: str | Path, *, max_length: int = MAX_TEXT_TOKENS):
         path = Path(model_path)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise PartiError(f"sentencepiece model {path} not found; train one with train_sentencepiece")
-        self._init(path.read_bytes(), max_length=max_length, what=str(path))
+        proto = read_bytes(path, limit=1 << 28, what="sentencepiece model")  # a regular file: no FIFO, no /dev/zero
+        self._init(proto, max_length=max_length, what=str(path))
 
     @classmethod
     def from_proto(cls, proto: bytes, *, max_length: int = MAX_TEXT_TOKENS) -> SentencePieceTokenizer:
@@ -274,8 +307,10 @@ class SentencePieceTokenizer:
     def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """ids (B, L) long and mask (B, L) bool, padded to the longest prompt, each ending in eos."""
         _check_texts(texts)
-        seqs = [ids + [self.eos_id] for ids in self.sp.encode(list(texts))]  # "" -> [eos]
-        return _pad_and_truncate(seqs, max_length=self.max_length, pad_id=self.pad_id, eos_id=self.eos_id)
+        texts, clipped = _clip_all(list(texts))
+        seqs = [ids + [self.eos_id] for ids in self.sp.encode(texts)]  # "" -> [eos]
+        return _pad_and_truncate(seqs, max_length=self.max_length, pad_id=self.pad_id, eos_id=self.eos_id,
+                                 clipped=clipped)
 
     def decode(self, ids: list[int] | Tensor) -> str:
         return self.sp.decode([i for i in _as_list(ids) if i not in (self.pad_id, self.eos_id)])

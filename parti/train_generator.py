@@ -21,8 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from parti import text as text_mod
-from parti.cache import CodeCache, collate_codes, encode_dataset, is_cache, read_manifest
+from parti.cache import (
+    MANIFEST,
+    CodeCache,
+    cache_inputs,
+    collate_codes,
+    encode_dataset,
+    is_cache,
+    read_manifest,
+    stale_inputs,
+)
 from parti.checkpoint import (
+    CHECKPOINTS_DIR,
     CONFIG_NAME,
     SAMPLES_DIR,
     TEXT_ENCODER_DIR,
@@ -138,7 +148,9 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
     """The code cache: given as --data, or made here once (main process) from the dataset into OUT/cache."""
     cache_dir = Path(cfg.data) if is_cache(cfg.data) else Path(cfg.out) / "cache"
     if is_cache(cache_dir) and cache_dir != Path(cfg.data):
-        _check_own_cache(cache_dir, cfg)
+        text_identity = frozen_t5.identity() if frozen_t5 is not None else None
+        on_main(acc, lambda: _check_own_cache(cache_dir, cfg, tokenizer_fingerprint=tokenizer.fingerprint(),
+                                              text_identity=text_identity))  # main alone drops a stale manifest
     if not is_cache(cache_dir):
         on_main(acc, lambda: encode_dataset(
             data=cfg.data, tokenizer=cfg.tokenizer, tokenizer_model=tokenizer, require_captions=True,
@@ -157,12 +169,33 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
     return sets
 
 
-def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig) -> None:
-    """OUT/cache is this run's: made from the same data, else refused (an earlier run with another --data)."""
-    made = read_manifest(cache_dir)
-    if made.get("data") != cfg.data or bool(made.get("holdout")) != cfg.holdout:
-        raise PartiError(f"{cache_dir} was encoded from --data {made.get('data')!r} (holdout {made.get('holdout')}), "
-                         f"not {cfg.data!r}; delete {cache_dir} to encode the new data, or choose another --out")
+def _check_own_cache(cache_dir: Path, cfg: GeneratorTrainConfig, *, tokenizer_fingerprint: str,
+                     text_identity: dict | None) -> None:
+    """OUT/cache is reused only when it was made from every input this run asks for (data, columns, synthetic
+    length and seed, holdout, caption bound: `cache_inputs`; the tokenizer; a frozen T5). A stale one (a run
+    killed and started again with other settings) is rebuilt when no checkpoint was trained on it: its
+    manifest goes, and the caller encodes afresh; with checkpoints it is refused, in one line. One that cannot
+    tell what made it (damaged, or from an older parti) is encoded again from this run's inputs."""
+    try:
+        made = read_manifest(cache_dir)
+    except PartiError as e:  # damaged, or from an older parti: what it holds is unknown, so it is made afresh
+        log.warning("%s; encoding it again from this run's inputs", e)
+        (cache_dir / MANIFEST).unlink(missing_ok=True)
+        return
+    stale = stale_inputs(made, cache_inputs(data=cfg.data, image_column=cfg.image_column,
+                                            caption_column=cfg.caption_column, synthetic_length=cfg.synthetic_length,
+                                            seed=cfg.seed, holdout=cfg.holdout))
+    stale += [f"{k}: {made.get(k)!r} -> {v!r}" for k, v in (("tokenizer_fingerprint", tokenizer_fingerprint),
+                                                           ("text_encoder", text_identity)) if made.get(k) != v]
+    if not stale:
+        return
+    if any((Path(cfg.out) / CHECKPOINTS_DIR).glob("step_*")):
+        raise PartiError(f"{cache_dir} was encoded from other inputs than this run's ({'; '.join(stale[:3])}), and "
+                         f"the run's checkpoints were trained on it; resume with the settings it was made with, or "
+                         f"choose another --out")
+    log.warning("%s was encoded from other inputs than this run's (%s) and nothing was trained on it yet: "
+                "encoding it again", cache_dir, "; ".join(stale[:3]))
+    (cache_dir / MANIFEST).unlink(missing_ok=True)
 
 
 class GeneratorStage(Stage):

@@ -67,6 +67,7 @@ class Ctx:
 
     def __init__(self, tmp: Path, models: Path, cache: Path, capsys, monkeypatch):
         self.tmp, self.models, self._cache, self.capsys, self.monkeypatch = tmp, models, cache, capsys, monkeypatch
+        (tmp / "a_file").write_text("x")  # a file where a folder is expected: {tmp}/a_file/...
 
     def copy(self, name: str) -> Path:
         dst = self.tmp / name
@@ -519,6 +520,521 @@ def on_cpu_only(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(torch.cuda.is_available(), reason=reason)
 
 
+# -- round two: one output guard for every writer --
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def as_run(folder: Path, stage: str = "generator") -> None:
+    """Mark `folder` as one of our runs, as RunFolder's run.json does (with a metrics log)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"kind": "parti_run", "config": {"stage": stage}}))
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+
+
+def untouched(*folders: str, before=None):
+    """Run `action`; every file under `folders` ({gen}, {tmp}/run) must be byte for byte as before, and
+    `before(c)` (optional) prepares them first."""
+    def wrap(action):
+        def run(c: Ctx) -> None:
+            if before is not None:
+                before(c)
+            paths = [Path(c.path(f)) for f in folders]
+            snapshot = [files_of(p) for p in paths]
+            try:
+                action(c)
+            finally:
+                assert [files_of(p) for p in paths] == snapshot, "a refused write changed files"
+        return run
+    return wrap
+
+
+def gen_as_run(c: Ctx) -> None:
+    as_run(c.copy("gen"))
+
+
+def tmp_run(c: Ctx) -> None:
+    as_run(c.tmp / "run", stage="tokenizer")
+
+
+def no_scoring(c: Ctx) -> None:
+    import parti.cli
+
+    def reached(*a, **k):
+        raise AssertionError("the evaluation ran before its --out was checked")
+
+    c.monkeypatch.setattr(parti.cli, "evaluate_generator", reached)
+    c.monkeypatch.setattr(parti.cli, "evaluate_tokenizer", reached)
+
+
+def evaluate(command: str, out: str, *, before=gen_as_run):
+    """`parti evaluate[-tokenizer] --checkpoint {gen} ... --out OUT` (the issue's repro), refused before any
+    scoring, with every file of the checkpoint and of {tmp}/run untouched."""
+    run = cli(command, "--checkpoint", "{gen}", "--data", "synthetic", "--num-images", "8", "--no-download",
+              "--out", out)
+
+    def prepared(c: Ctx) -> None:
+        before(c)
+        tmp_run(c)
+        no_scoring(c)
+
+    return untouched("{gen}", "{tmp}/run", before=prepared)(run)
+
+
+def results_twice(out: str):
+    def action(c: Ctx) -> None:
+        from parti.evaluate import write_results
+
+        gen_as_run(c)
+        results = {"val_loss": 1.0, "errors": {}, "settings": {"checkpoint": "gen"}}
+        for _ in range(2):  # its own slot, then over its own earlier results
+            write_results(Path(c.path(out)), results)
+        assert json.loads(Path(c.path(out)).read_text())["val_loss"] == 1.0
+    return action
+
+
+def plot_into(out: str, *, prepare=None):
+    run = cli("plot", "{tmp}/run", "--out", out) if out else cli("plot", "{tmp}/run")
+
+    def action(c: Ctx) -> None:
+        tmp_run(c)
+        if prepare is not None:
+            prepare(c)
+        run(c)
+        run(c)  # again: over its own pictures
+    return action
+
+
+def fifo_grid(c: Ctx) -> None:
+    import os
+
+    os.mkfifo(c.tmp / "grid.png")
+
+
+def users_folder(c: Ctx) -> None:
+    (c.tmp / "mine").mkdir()
+    (c.tmp / "mine" / "notes.txt").write_text("my notes")
+
+
+def upload_into(where: str):
+    def action(c: Ctx) -> None:
+        from parti.push import prepare_upload
+
+        prepare_upload(c.copy("gen"), Path(c.path(where)))
+    return action
+
+
+def train_after(prepare, *argv: str):
+    run = cli(*argv)
+
+    def action(c: Ctx) -> None:
+        prepare(c)
+        run(c)
+    return action
+
+
+# -- round two: caches record every input --
+
+def own_cache(checkpoints: bool = False, **change):
+    """OUT/cache as a killed run left it (synthetic, 8 faces, seed 0), checked against a run asking `change`:
+    the same inputs keep it, other ones drop its manifest (it is encoded again), or with checkpoints refuse."""
+    def action(c: Ctx) -> None:
+        from parti.cache import CodeCache, encode_dataset, is_cache
+        from parti.train_generator import GeneratorTrainConfig, _check_own_cache
+
+        run = c.tmp / "run"
+        encode_dataset(data="synthetic", tokenizer=c.models / "tok", out=run / "cache", synthetic_length=8,
+                       splits=("train",), device="cpu", progress=False)
+        if checkpoints:
+            (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+        fingerprint = CodeCache(run / "cache").manifest["tokenizer_fingerprint"]
+        if "version" in change:  # a cache an older parti wrote: what made it is unknown
+            manifest(lambda m: m.update(version=change["version"]))(run / "cache")
+        cfg = GeneratorTrainConfig(**{**TINY_GENERATOR, "data": "synthetic", "synthetic_length": 8,
+                                      "tokenizer": str(c.models / "tok"), "out": str(run),
+                                      **{k: v for k, v in change.items() if k not in ("tokenizer_fingerprint",
+                                                                                      "version")}})
+        _check_own_cache(run / "cache", cfg, text_identity=None,
+                         tokenizer_fingerprint=change.get("tokenizer_fingerprint", fingerprint))
+        assert is_cache(run / "cache") == (not change), "a stale cache was kept, or a good one dropped"
+    return action
+
+
+def killed_run_rerun_with_another_length(c: Ctx) -> None:
+    """The issue's repro: a generator run killed once OUT/cache/manifest.json exists, run again with another
+    --synthetic-length, trains on the new length (the cache is encoded again), not on the old 8 faces."""
+    import parti.data
+    import parti.train_generator as tg
+    from parti.cache import CodeCache
+
+    c.monkeypatch.setitem(parti.data.SYNTHETIC_LENGTHS, "val", 4)  # a small val split: seconds, not minutes
+    cfg = tg.GeneratorTrainConfig(**TINY_GENERATOR, data="synthetic", synthetic_length=8, steps=1,
+                                  tokenizer=str(c.models / "tok"), text_tokenizer="bytes", out=str(c.tmp / "s"))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with c.monkeypatch.context() as m:
+        m.setattr(tg, "build_generator", killed)  # right after the cache is made
+        with pytest.raises(KeyboardInterrupt):
+            tg.train_generator(cfg)
+    assert len(CodeCache(c.tmp / "s" / "cache")) == 8
+    tg.train_generator(dataclasses.replace(cfg, synthetic_length=12))
+    cache = CodeCache(c.tmp / "s" / "cache")
+    assert len(cache) == 12 and cache.manifest["inputs"]["synthetic_length"] == 12
+
+
+def given_cache_inputs(c: Ctx) -> None:
+    from parti.cache import CodeCache
+
+    cache = CodeCache(c.copy("cache"), "train")
+    cache.check(tokenizer_fingerprint=cache.manifest["tokenizer_fingerprint"], text_identity=None,
+                inputs={"synthetic_length": 20000})
+
+
+# -- round two: sizes --
+
+# Run in a process of its own: a reader blocked inside Rust or C code (safetensors) may hold the GIL.
+WATCHDOG = """
+import os, stat, sys, time
+root, seconds, marker = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+while True:
+    time.sleep(seconds)
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                if stat.S_ISFIFO(os.lstat(path).st_mode):
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO when no reader waits
+                    open(marker, "a").write(path + "\\n")
+            except OSError:
+                pass
+"""
+
+
+def alarm(action, seconds: float = 10):
+    """Fail, rather than hang the suite, if `action` blocks opening a FIFO under the test's folder: after
+    `seconds` a watchdog process opens each FIFO there for writing, which lets a blocked reader (even one
+    deaf to signals, inside Rust or C code) go on to an empty file; the row then fails here."""
+    def run(c: Ctx) -> None:
+        import subprocess
+        import sys
+
+        marker = c.tmp.parent / f"{c.tmp.name}.unblocked"
+        watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(c.tmp), str(seconds), str(marker)])
+        try:
+            action(c)
+        finally:
+            watchdog.kill()
+            watchdog.wait()
+            assert not marker.exists(), f"blocked opening a FIFO: {marker.read_text().strip()}"
+    return run
+
+
+def replace_with(name: str, kind: str):
+    """folder/NAME replaced by a FIFO, a symlink to /dev/zero or to a FIFO, or a sparse 65 MiB file."""
+    def mutate(folder: Path) -> None:
+        import os
+
+        path = folder / name
+        path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "zero":
+            path.symlink_to("/dev/zero")
+        elif kind == "link-to-fifo":
+            os.mkfifo(folder / "pipe")
+            path.symlink_to(folder / "pipe")
+        else:
+            with open(path, "wb") as f:
+                f.truncate(65 << 20)
+    return mutate
+
+
+def thumbs_zip(c: Ctx, members: dict[str, bytes], *, stored: bool = False) -> Path:
+    import zipfile
+
+    path = c.tmp / "thumbnails128x128.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(f"thumbnails128x128/{name}", data)
+    return path
+
+
+PNG = __import__("random").Random(0).randbytes(10_000)  # stands for a thumbnail: 10 KB that does not compress
+
+
+def fetch_zip(members: dict[str, bytes], *, damage=None, stored: bool = False):
+    def action(c: Ctx) -> None:
+        from parti.fetch import fetch_ffhq_thumbnails
+
+        path = thumbs_zip(c, {k: v() if callable(v) else v for k, v in members.items()}, stored=stored)
+        if damage is not None:
+            path.write_bytes(damage(path.read_bytes()))
+        fetch_ffhq_thumbnails(c.tmp / "ffhq", source=path, progress=False)
+    return action
+
+
+def fetch_to(dest: str, **kw):
+    def action(c: Ctx) -> None:
+        from parti.fetch import fetch_ffhq_thumbnails
+
+        fetch_ffhq_thumbnails(c.path(dest), source=thumbs_zip(c, {"00000/00000.png": PNG}),
+                              **{k: c.path(v) for k, v in kw.items()}, progress=False)
+    return action
+
+
+def keep_copy_killed_mid_copy(c: Ctx) -> None:
+    """A kill while the zip is copied to Drive leaves no truncated zip under its name for later runs."""
+    from parti import fetch
+
+    zip_path, kept = thumbs_zip(c, {"00000/00000.png": PNG}), c.tmp / "drive" / "thumbnails128x128.zip"
+
+    def killed_half_way(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    with c.monkeypatch.context() as m:
+        m.setattr(fetch.shutil, "copyfile", killed_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            fetch._keep_copy(zip_path, kept)
+    assert not kept.exists()
+    fetch._keep_copy(zip_path, kept)  # the next runtime copies it whole
+    assert kept.read_bytes() == zip_path.read_bytes()
+
+
+def huge_prompt(c: Ctx) -> None:
+    """50 MB prompts cost what a long one does: cut to MAX_TEXT_BYTES before tokenizing, then to 16 tokens."""
+    import tracemalloc
+
+    from parti.pipeline import load_pipeline
+    from parti.text import ByteTokenizer, TruncationWarning
+
+    prompt = "a face " * 7_000_000
+    tracemalloc.start()
+    try:
+        with pytest.warns(TruncationWarning):
+            ids, mask = ByteTokenizer(max_length=16)([prompt, "red hair"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ids.shape == (2, 16) and peak < 1 << 20, f"tokenizing took {peak / 2**20:.0f} MiB"  # not the 49 MB
+    with pytest.warns(TruncationWarning):
+        images = load_pipeline(c.models / "gen", device="cpu")([prompt], seed=0).images
+    assert images.shape == (1, 3, 32, 32)
+
+
+def parse(**change):
+    def action(c: Ctx) -> None:
+        from parti.app import parse_request
+
+        values = dict(prompt_text="a face", num_images=1, guidance_scale=3.0, temperature=1.0, top_k="", top_p="",
+                      seed=0)
+        parse_request(**{**values, **{k: v() if callable(v) else v for k, v in change.items()}})
+    return action
+
+
+# -- round two: columns chosen on purpose --
+
+def table(columns: dict[str, str], **open_kw):
+    """A 20-row parquet table of `columns` (name -> image | text | texts | struct | int | long-text), opened."""
+    def action(c: Ctx) -> None:
+        import datasets
+
+        from parti.data import open_source
+
+        kinds = {"image": datasets.Image(), "text": datasets.Value("string"), "long-text": datasets.Value("string"),
+                 "texts": datasets.List(datasets.Value("string")), "struct": {"a": datasets.Value("int32")},
+                 "int": datasets.Value("int64")}
+        values = {"image": lambda i: Image.new("RGB", (12, 12), (i, 0, 0)), "text": lambda i: f"face {i}",
+                  "long-text": lambda i: "long " * 200_000, "texts": lambda i: [f"face {i}", "other"],
+                  "struct": lambda i: {"a": i}, "int": lambda i: i}
+        data = {name: [values[kind](i) for i in range(20)] for name, kind in columns.items()}
+        features = datasets.Features({name: kinds[kind] for name, kind in columns.items()})
+        (c.tmp / "t").mkdir()
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(c.tmp / "t" / "t.parquet"))
+        item = open_source(str(c.tmp / "t" / "t.parquet"), image_size=8, **open_kw)[0]
+        assert item["image"].shape == (3, 8, 8)
+        assert item["caption"] is None or item["caption"].startswith(("face", "long")) and len(item["caption"]) <= 8192
+    return action
+
+
+def source(spec: str):
+    def action(c: Ctx) -> None:
+        from parti.data import open_source
+
+        open_source(spec.format(tmp=c.tmp))
+    return action
+
+
+def folder_with(extra):
+    """A folder of 5 images (captions in sidecars), `extra(folder)` added; its first item is read."""
+    def action(c: Ctx) -> None:
+        from parti.data import UnreadableImageWarning, open_source
+
+        root = c.tmp / "faces"
+        root.mkdir()
+        for i in range(5):
+            Image.new("RGB", (12, 12), (i, 0, 0)).save(root / f"1{i}.png")
+            (root / f"1{i}.txt").write_text(f"face {i}")
+        extra(root)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadableImageWarning)
+            items = [open_source(str(root), image_size=8)[i] for i in range(2)]
+        assert all(len(it["caption"]) <= 8192 for it in items if it is not None)
+    return action
+
+
+def huge_caption_file(root: Path) -> None:
+    (root / "10.txt").write_text("a very long caption " * 1_000_000)  # 20 MB
+
+
+def fifo_image(root: Path) -> None:
+    import os
+
+    os.mkfifo(root / "00_pipe.png")  # sorts first: the first item read
+
+
+# -- round two: resume and push --
+
+def resume_without_checkpoint(c: Ctx) -> None:
+    """A tokenizer run whose checkpoints are all gone, resumed: it says so, starts at step 0, and each step
+    keeps one row in metrics.jsonl."""
+    import logging
+
+    from parti.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    cfg = TokenizerTrainConfig(**{**TINY_TOKENIZER, "save_every": 100}, steps=2, out=str(c.tmp / "r"))
+    train_tokenizer(cfg)
+    shutil.rmtree(c.tmp / "r" / "checkpoints")
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("parti").addHandler(handler)
+    try:
+        train_tokenizer(dataclasses.replace(cfg, steps=3, resume=True))
+    finally:
+        logging.getLogger("parti").removeHandler(handler)
+    assert any("no checkpoint in" in m and "starting at step 0" in m for m in said), said
+    assert [r["step"] for r in rows(c.tmp / "r")] == [1, 2, 3]
+    train_tokenizer(dataclasses.replace(cfg, steps=4, resume=True))
+    assert [r["step"] for r in rows(c.tmp / "r")] == [1, 2, 3, 4]
+
+
+def push_sample_links_to_a_secret(c: Ctx) -> None:
+    from parti.push import SAMPLE_NAME, prepare_upload
+
+    gen = c.copy("gen")
+    (c.tmp / "id_ed25519").write_text("PRIVATE KEY")
+    (gen / "samples").mkdir()
+    (gen / "samples" / "step_0000010.png").write_bytes(b"\x89PNG grid")
+    (gen / "samples" / "step_0000020.png").symlink_to(c.tmp / "id_ed25519")
+    folder = prepare_upload(gen, c.tmp / "up")
+    assert (folder / SAMPLE_NAME).read_bytes() == b"\x89PNG grid"
+    assert not any(b"PRIVATE KEY" in data for data in files_of(folder).values())
+
+
+def push_card_of_local_data(c: Ctx) -> None:
+    from parti.push import prepare_upload
+
+    gen = c.copy("gen")
+    config = json.loads((gen / "config.json").read_text())
+    config["data"] = "/home/someone/private/ffhq-128"
+    (gen / "config.json").write_text(json.dumps(config))
+    card = (prepare_upload(gen, c.tmp / "up") / "README.md").read_text()
+    assert "/home/someone" not in card and "ffhq-128" in card and "FFHQ" in card
+
+
+def push_failing(error):
+    def action(c: Ctx) -> None:
+        import huggingface_hub
+
+        from parti.push import push_to_hub
+
+        class Api:
+            def __init__(self, token=None):
+                pass
+
+            def create_repo(self, *a, **k):
+                raise error()
+
+        if error is not None:
+            c.monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        push_to_hub(c.copy("gen"), "user/faces")
+    return action
+
+
+def unreachable():
+    import httpx
+
+    return httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+
+def not_logged_in():
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    return LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+
+def offline():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.")
+
+
+# -- round two: the one-line list --
+
+def call_pipe(*args, **kwargs):
+    def action(c: Ctx) -> None:
+        from parti.pipeline import load_pipeline
+
+        load_pipeline(c.models / "gen", device="cpu")(*args, **kwargs)
+    return action
+
+
+def unreadable(prepare, target: str, action):
+    """`action` with `target` (made by prepare(c)) unreadable: mode 000 and, as root, who reads anything, an
+    effective uid of nobody while it runs."""
+    def run(c: Ctx) -> None:
+        import os
+
+        prepare(c)
+        path = Path(c.path(target))
+        mode = path.stat().st_mode
+        os.chmod(path, 0)
+        root = os.geteuid() == 0
+        try:
+            if root:
+                os.seteuid(65534)
+            action(c)
+        finally:
+            if root:
+                os.seteuid(0)
+            os.chmod(path, mode)
+    return run
+
+
+def load_tok(c: Ctx) -> None:
+    from parti.tokenizer import load_tokenizer
+
+    load_tokenizer(c.tmp / "tok")
+
+
+def copy_tok(c: Ctx) -> None:
+    import parti.tokenizer  # noqa: F401 - imported before the uid changes
+
+    c.copy("tok")
+
+
+def image_dir(c: Ctx) -> None:
+    import parti.data  # noqa: F401
+
+    (c.tmp / "faces").mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 12)).save(c.tmp / "faces" / f"{i}.png")
+
+
 CASES = [
     # code caches (issue items 1, 2 and the one-line list)
     pytest.param(reencode_killed_before_manifest, "not a code cache", id="cache-reencode-killed-before-manifest"),
@@ -628,6 +1144,136 @@ CASES = [
     pytest.param(cli("demo", "--out", "{tok}/config.json", "--size", "smoke"), "is a file", id="demo-out-a-file",),
     pytest.param(cli(*TOK_TRAIN[:-1], "{gen}/tokenizer"), "tokenizer folder", id="train-tokenizer-out-gen-tokenizer"),
     pytest.param(cli(*GEN_TRAIN[:-1], "{tok}"), "which this command reads", id="train-out-equals-tokenizer",),
+    # ---- round two (issue 28) ----
+    # one output guard for every writer: refused before any work, nothing written
+    pytest.param(evaluate("evaluate", "{gen}/model.safetensors"), "inside the generator folder",
+                 id="evaluate-out-is-the-weights"),
+    pytest.param(evaluate("evaluate-tokenizer", "{gen}/tokenizer/model.safetensors"), "inside the tokenizer folder",
+                 id="evaluate-tokenizer-out-is-the-weights"),
+    pytest.param(evaluate("evaluate", "{tmp}/run/run.json"), "inside the run folder", id="evaluate-out-is-run-json"),
+    pytest.param(evaluate("evaluate", "{tmp}/run/metrics.jsonl"), "inside the run folder",
+                 id="evaluate-out-is-metrics-jsonl"),
+    pytest.param(evaluate("evaluate", "{gen}/eval_tokenizer.json"), "only eval.json is this command's",
+                 id="evaluate-out-is-another-commands-slot"),
+    pytest.param(evaluate("evaluate", "{tmp}/a_file"), "not a results file parti wrote",
+                 id="evaluate-out-is-a-users-file"),
+    pytest.param(evaluate("evaluate", "{tmp}"), "is a folder", id="evaluate-out-is-a-folder"),
+    pytest.param(evaluate("evaluate", "{tmp}/a_file/eval.json"), "which is a file", id="evaluate-out-under-a-file"),
+    pytest.param(evaluate("evaluate", "/proc/parti-eval.json"), "cannot be written", id="evaluate-out-in-proc"),
+    pytest.param(results_twice("{gen}/eval.json"), None, id="results-in-their-own-slot-twice"),
+    pytest.param(results_twice("{gen}/run.json"), "inside the generator folder", id="results-over-run-json"),
+    pytest.param(plot_into(""), None, id="plot-into-the-runs-own-plots-twice"),
+    pytest.param(plot_into("{gen}/tokenizer"), "the tokenizer folder", id="plot-out-is-a-model"),
+    pytest.param(plot_into("{tmp}/mine", prepare=users_folder), "did not write", id="plot-out-holds-users-files"),
+    pytest.param(plot_into("{tmp}/a_file"), "is a file", id="plot-out-is-a-file"),
+    pytest.param(untouched("{gen}")(cli("encode", "--data", "synthetic", "--tokenizer", "{tok}", "--text-encoder",
+                                        "t5-small", "--out", "{gen}/codes")), "inside the generator folder",
+                 id="encode-out-inside-a-model-before-t5-loads"),
+    pytest.param(cli("encode", "--data", "synthetic", "--tokenizer", "{tok}", "--out", "{tok}/cache"),
+                 "which this command reads", id="encode-out-inside-the-tokenizer-read"),
+    pytest.param(untouched("{tmp}/run", before=tmp_run)(sample("--out", "{tmp}/run/grid.png")),
+                 "inside the run folder", id="sample-out-inside-a-run-folder"),
+    pytest.param(sample("--out", "{tmp}/a_file/grid.png"), "which is a file", id="sample-out-under-a-file"),
+    pytest.param(alarm(train_after(fifo_grid, "sample", "--checkpoint", "{gen}", "--prompt", "a face", "--out",
+                                   "{tmp}/grid.png")), "is not an image", id="sample-out-is-a-fifo"),
+    pytest.param(sample("--out", "{tmp}/" + "a" * 5000 + ".png"), "cannot be used",
+                 id="sample-out-name-of-5000-characters"),
+    pytest.param(evaluate("evaluate", "{tmp}/" + "a" * 5000 + ".json"), "cannot be used",
+                 id="evaluate-out-name-of-5000-characters"),
+    pytest.param(cli("demo", "--size", "smoke", "--out", "{tmp}/demo", "--images", "{tmp}/a_file"),
+                 "--images .* is a file", id="demo-images-is-a-file"),
+    pytest.param(cli("demo", "--size", "smoke", "--out", "{gen}/demo"), "inside the generator folder",
+                 id="demo-out-inside-a-model"),
+    pytest.param(train_after(tmp_run, *TOK_TRAIN[:-1], "{tmp}/run/sub"), "inside the run folder",
+                 id="train-out-inside-a-run-folder"),
+    pytest.param(cli(*TOK_TRAIN[:-1], "/proc/parti-run"), "cannot be written", id="train-out-in-proc"),
+    pytest.param(upload_into("{gen}/upload"), "which this command reads", id="push-staging-inside-the-checkpoint"),
+    pytest.param(fetch_to("{tmp}/a_file/ffhq"), "which is a file", id="fetch-destination-under-a-file"),
+    pytest.param(fetch_to("{tmp}/ffhq", keep_copy="{tmp}/a_file"), "keep_copy .* is a file",
+                 id="fetch-keep-copy-is-a-file"),
+    # caches and runs record every input that shapes them
+    pytest.param(killed_run_rerun_with_another_length, None, id="cache-of-a-killed-run-rerun-with-another-length"),
+    pytest.param(own_cache(), None, id="cache-own-same-inputs-reused"),
+    pytest.param(own_cache(synthetic_length=20000), None, id="cache-own-other-length-encoded-again"),
+    pytest.param(own_cache(seed=3), None, id="cache-own-other-seed-encoded-again"),
+    pytest.param(own_cache(holdout=True), None, id="cache-own-other-holdout-encoded-again"),
+    pytest.param(own_cache(tokenizer_fingerprint="0123456789abcdef"), None,
+                 id="cache-own-other-tokenizer-encoded-again"),
+    pytest.param(own_cache(checkpoints=True, synthetic_length=20000), "checkpoints were trained on it",
+                 id="cache-own-stale-with-checkpoints-refused"),
+    pytest.param(own_cache(version=2), None, id="cache-own-from-an-older-parti-encoded-again"),
+    pytest.param(given_cache_inputs, "encoded from other inputs", id="cache-given-checked-against-inputs"),
+    pytest.param(cache_edit(manifest(lambda m: m.pop("inputs"))), "does not record the inputs",
+                 id="cache-manifest-without-inputs"),
+    # columns chosen on purpose
+    pytest.param(table({"conditioning_image": "image", "text": "text"}), "named like a condition",
+                 id="table-conditioning-image-only"),
+    pytest.param(table({"mask": "image", "depth_map": "image", "text": "text"}), "no image column named like one",
+                 id="table-mask-and-depth-only"),
+    pytest.param(table({"conditioning_image": "image", "text": "text"}, image_column="conditioning_image"), None,
+                 id="table-conditioning-image-asked-for"),
+    pytest.param(table({"photo": "image", "text": "text"}), None, id="table-only-image-column-of-another-name"),
+    pytest.param(table({"image": "image", "meta": "struct"}, caption_column="meta"), "holds struct values",
+                 id="table-caption-column-of-structs"),
+    pytest.param(table({"image": "image", "caption": "struct"}), "holds struct values",
+                 id="table-caption-named-column-of-structs"),
+    pytest.param(table({"image": "image", "text": "int"}), "holds int64 values", id="table-caption-column-of-ints"),
+    pytest.param(table({"image": "image", "captions": "texts"}), None, id="table-caption-column-of-lists"),
+    pytest.param(table({"image": "image", "text": "long-text"}), None, id="table-caption-of-1-mb-bounded"),
+    pytest.param(source("hf:"), "names no data", id="data-hf-empty-name"),
+    pytest.param(source("hf:   "), "names no data", id="data-hf-whitespace-name"),
+    pytest.param(source(""), "names no data", id="data-empty"),
+    pytest.param(cli(*TOK_TRAIN, "--data", "hf:"), "names no data", id="train-data-hf-unset-variable"),
+    # bounded sizes
+    pytest.param(huge_prompt, None, id="prompt-of-50-mb-bounded"),
+    pytest.param(folder_with(huge_caption_file), None, id="caption-file-of-20-mb-bounded"),
+    pytest.param(alarm(folder_with(fifo_image)), None, id="image-file-that-is-a-fifo-skipped"),
+    pytest.param(alarm(tok_edit(replace_with("config.json", "fifo"))), "not a regular file", id="config-json-a-fifo"),
+    pytest.param(alarm(tok_edit(replace_with("config.json", "zero"))), "not a regular file",
+                 id="config-json-links-to-dev-zero"),
+    pytest.param(alarm(tok_edit(replace_with("config.json", "big"))), "more than a JSON file may",
+                 id="config-json-of-65-mib"),
+    pytest.param(alarm(tok_edit(replace_with("model.safetensors", "link-to-fifo"))), "not a regular file",
+                 id="weights-link-to-a-fifo"),
+    pytest.param(alarm(tok_edit(replace_with("model.safetensors", "zero"))), "not a regular file",
+                 id="weights-link-to-dev-zero"),
+    pytest.param(fetch_zip({"00000/00000.png": lambda: bytes(8 << 20)}), "inflates to", id="zip-bomb-member"),
+    pytest.param(fetch_zip({"00000/00000.png": PNG, "00000/00001.png": lambda: bytes(1 << 20)}), "inflates to",
+                 id="zip-member-compressed-1000-to-1"),
+    pytest.param(fetch_zip({"00000/00000.png": PNG}, stored=True,
+                           damage=lambda b: b.replace(PNG[:512], bytes(512), 1)), "is corrupt",
+                 id="zip-member-corrupt"),
+    pytest.param(fetch_zip({"00000/00000.png": PNG}, damage=lambda b: b[: len(b) // 2]), "not a readable zip",
+                 id="zip-truncated"),
+    pytest.param(keep_copy_killed_mid_copy, None, id="zip-copy-to-drive-killed-leaves-no-truncated-zip"),
+    pytest.param(parse(prompt_text="a face " * 200), "at most 1000", id="web-prompt-too-long"),
+    pytest.param(parse(prompt_text=lambda: "a face\n" * 10_000_000), "too long", id="web-prompts-of-70-mb"),
+    pytest.param(parse(num_images=float("nan")), "finite", id="web-number-of-images-nan"),
+    pytest.param(parse(seed=float("inf")), "finite", id="web-seed-inf"),
+    pytest.param(parse(guidance_scale=None), "finite", id="web-guidance-empty"),
+    pytest.param(parse(temperature=float("nan")), "finite", id="web-temperature-nan"),
+    # --resume says what it did; push publishes no link and no machine path
+    pytest.param(resume_without_checkpoint, None, id="resume-without-a-checkpoint-says-so-and-keeps-one-history"),
+    pytest.param(push_sample_links_to_a_secret, None, id="push-sample-grid-symlink-not-published"),
+    pytest.param(push_card_of_local_data, None, id="push-card-names-no-machine-path"),
+    pytest.param(push_failing(unreachable), "could not reach the Hub", id="push-hub-unreachable"),
+    pytest.param(push_failing(not_logged_in), "hf auth login", id="push-not-logged-in"),
+    pytest.param(push_failing(offline), "offline", id="push-offline"),
+    # the one-line list
+    pytest.param(call_pipe(None), "prompts must be a string or a list", id="pipe-none"),
+    pytest.param(call_pipe({"a": 1}), "prompts must be a string or a list", id="pipe-dict"),
+    pytest.param(call_pipe(["a face", None]), "prompts must be strings", id="pipe-list-with-none"),
+    pytest.param(call_pipe(["a face"], return_codes="yes"), "return_codes", id="pipe-return-codes-a-string"),
+    pytest.param(sample("--checkpoint", "user/name@" + "a" * 5000, "--out", "{tmp}/a.png"), "at most 255",
+                 id="revision-of-5000-characters"),
+    pytest.param(sample("--checkpoint", "a" * 5000, "--out", "{tmp}/a.png"), "could not read checkpoint folder",
+                 id="checkpoint-name-of-5000-characters"),
+    pytest.param(gen_edit(config(lambda d: (d.pop("text_encoder"), d.update(text_encoder_source="trainable")))),
+                 "does not record its text encoder", id="generator-text-encoder-record-deleted-trained-run"),
+    pytest.param(unreadable(copy_tok, "{tmp}/tok/config.json", load_tok), "(?i)permission denied",
+                 id="config-unreadable-said-as-permission-denied"),
+    pytest.param(unreadable(image_dir, "{tmp}/faces", source("{tmp}/faces")), "(?i)permission denied",
+                 id="data-folder-unreadable-said-as-permission-denied"),
 ]
 
 

@@ -289,11 +289,9 @@ def test_the_web_demo_comes_after_the_evaluation_and_a_failing_one_stops_nothing
     assert order == ["evaluation", "push", "web-demo"] and "web-demo" in nb.cells[-1].metadata.get("tags", [])
     assert 'gradio>=5,<7' in nb.cells[-1].source  # installs only where gradio is missing, never over Colab's
 
-    def gradio_5(pipe):  # what Run all met on Colab's pinnable 2025.07-2026.04 runtimes
+    with caplog.at_level(logging.WARNING, logger="parti.notebook"), notebook.demo_guard():
+        # what Run all met on Colab's pinnable 2025.07-2026.04 runtimes
         raise TypeError("Gallery.__init__() got an unexpected keyword argument 'buttons'")
-    monkeypatch.setattr(notebook, "build_app", gradio_5)
-    with caplog.at_level(logging.WARNING, logger="parti.notebook"):
-        assert notebook.launch_demo(object()) is False
     assert "the web demo could not start (TypeError: Gallery.__init__()" in caplog.text
 
 
@@ -370,3 +368,21 @@ def test_the_free_space_check_counts_only_what_is_still_to_download(tmp_path, mo
     monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: SimpleNamespace(free=50 * 10**9))
     with pytest.raises(PartiError, match="needs 60.0 GB .* 50.0 GB free"):
         hub._announce_download("user/faces", None, ("*.parquet", "**/*.parquet"))
+
+
+def test_a_batch_that_does_not_fit_the_gpu_says_what_to_change(tmp_path, monkeypatch):
+    import torch
+
+    from parti.train_tokenizer import TokenizerStage, TokenizerTrainConfig, train_tokenizer
+
+    def out_of_memory(self, batch, at):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(TokenizerStage, "train_step", out_of_memory)
+    with pytest.raises(PartiError, match=r"step 1: a batch of 4 does not fit the GPU's memory; lower --batch-size"):
+        train_tokenizer(TokenizerTrainConfig(**TOKENIZER, out=str(tmp_path / "tok")))
+    set_audience("notebook")
+    try:
+        with pytest.raises(PartiError, match="lower the batch size .* in the configuration cell"):
+            train_tokenizer(TokenizerTrainConfig(**TOKENIZER, out=str(tmp_path / "tok2")))
+    finally:
+        set_audience("cli")

@@ -175,6 +175,30 @@ def test_table_column_errors(tmp_path):
         open_source("hf:nobody/no-such-dataset")
 
 
+def test_columns_are_chosen_on_purpose_and_logged(tmp_path, caplog):
+    """Hostile input (issue 28; the table rows are in tests/test_bad_input.py): the image column is taken by
+    name, or alone when its name says no condition; a caption column must hold text; the choice is logged."""
+    import logging
+
+    from parti.data import find_columns, is_condition_name
+
+    assert all(is_condition_name(c) for c in ("conditioning_image", "mask", "depth_map", "canny-edges",
+                                               "control_net_hint", "Segmentation", "pose"))
+    assert not any(is_condition_name(c) for c in ("image", "photo", "face", "jpg", "target_image"))
+    with pytest.raises(PartiError, match="named like a condition"):
+        find_columns(["conditioning_image", "text"], images=["conditioning_image"], texts=["text"], image_column=None,
+                     caption_column=None, spec="x")
+    assert find_columns(["face", "text"], images=["face"], texts=["text"], image_column=None, caption_column=None,
+                        spec="x") == ("face", "text")
+    path = write_table(tmp_path / "pq", n=20, caption_key="image_caption")
+    with caplog.at_level(logging.INFO, logger="parti.data"):
+        open_source(str(path), image_size=S)
+    assert "images from column 'image' (named like an image); captions from column 'image_caption' (named " \
+           "like a caption)" in caplog.text
+    with pytest.raises(PartiError, match="names no data"):
+        open_source("hf:")
+
+
 def test_imagefolder_with_metadata(tmp_path):
     root = tmp_path / "imf"
     (root / "img").mkdir(parents=True)

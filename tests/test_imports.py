@@ -19,8 +19,8 @@ LADDER: list[tuple[str, ...]] = [
     ("settings", "files", "device", "layers", "prompts", "synthetic", "optim", "fetch"),  # no model knowledge
     ("validate", "checkpoint", "hub", "metrics"),  # the folder format, Hub lookups, metric maths
     ("tokenizer", "generator", "text", "losses", "inception"),  # the models
-    ("data", "batches", "decoding", "state", "distributed", "runs"),  # data, the eager step, training state
-    ("cache", "compiled", "sampling", "plots"),  # the code cache, the sampler, pictures
+    ("data", "batches", "decoding", "quantize", "state", "distributed", "runs"),  # data, the eager step, int8
+    ("cache", "compiled", "sampling", "speculative", "plots"),  # the code cache, the samplers, pictures
     ("pipeline", "loop"),  # prompts -> images; the training skeleton
     ("evaluate", "train_tokenizer", "train_generator"),  # evaluation runs and the two stages
     ("push", "app", "demo", "notebook"),  # what users run
@@ -149,3 +149,11 @@ def test_the_checks_catch_what_they_guard(source, message):
 def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a", "c"}}) is None
+
+
+def test_the_readme_is_short_and_draws_the_ladder():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert len(readme.splitlines()) < 180, "the README is for a newcomer: measurements and history go to docs/"
+    ladder = readme.split("## Where to change what", 1)[1].split("```", 2)[1]
+    missing = [name for name in RUNG if f" {name}" not in ladder and f"{name}.py" not in ladder]
+    assert missing == [], f"modules missing from the README's ladder: {missing}"

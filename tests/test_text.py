@@ -91,6 +91,49 @@ def test_load_t5_truncation_warns_with_count(tiny_t5_dir):
         assert enc.encode(["a man"])[0].shape[1] <= 6
 
 
+def test_long_prompts_are_cut_to_a_byte_bound_before_tokenizing(tiny_t5_dir, spm_path):
+    """Hostile input (issue 28): a 5 MB prompt reaches no tokenizer whole. It is cut to MAX_TEXT_BYTES first
+    (at a character boundary), then to max_length tokens, and counted as cut either way."""
+    from parti.text import MAX_TEXT_BYTES, clip_text
+
+    enc = load_t5(str(tiny_t5_dir), max_length=8)
+    seen: list[int] = []
+
+    class Spy:  # what the T5 tokenizer is given
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __call__(self, texts, **kwargs):
+            seen.extend(len(t.encode("utf-8")) for t in texts)
+            return self.tok(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    enc.tokenizer = Spy(enc.tokenizer)
+    huge = "smiling woman with glasses " * 200_000  # 5.4 MB
+    with pytest.warns(TruncationWarning, match="1 of 2 prompts"):
+        _, mask = enc.encode([huge, "a man"])
+    assert max(seen) <= MAX_TEXT_BYTES and mask.shape == (2, 8)
+    for tok in (ByteTokenizer(max_length=16), SentencePieceTokenizer(spm_path, max_length=16)):
+        with pytest.warns(TruncationWarning, match="1 of 1 prompts"):
+            ids, _ = tok([huge])
+        assert ids.shape == (1, 16) and ids[0, -1] == tok.eos_id
+    with pytest.warns(TruncationWarning, match="1 of 1 prompts"):  # cut by bytes, not by tokens: still said
+        ids, _ = ByteTokenizer(max_length=20_000)(["a" * 10_000])
+    assert ids.shape == (1, MAX_TEXT_BYTES + 1)
+    accents = "é" * 10_000  # 2 bytes a character: the cut never splits one
+    assert clip_text(accents) == "é" * (MAX_TEXT_BYTES // 2) and clip_text("short") == "short"
+    assert clip_text("🙂" * 5000).encode() == ("🙂" * (MAX_TEXT_BYTES // 4)).encode()
+
+
+def test_a_deleted_text_encoder_record_is_not_called_a_t5():
+    """A trained run's config.json without its 'text_encoder' entry names its source 'trainable': that is no T5
+    to look up on the Hub, and the message says what is missing."""
+    with pytest.raises(PartiError, match="does not record its text encoder"):
+        load_t5("trainable")
+
+
 def test_load_t5_missing_is_one_line_parti_error(tmp_path):
     with pytest.raises(PartiError, match="offline") as err:
         load_t5("t5-parti-test-does-not-exist")
