@@ -107,12 +107,16 @@ def _check_space(folder: Path, needed: int, what: str) -> None:
 
 def _download_mirror(parent: Path, *, progress: bool) -> Path:
     """The mirror's zip through huggingface_hub: downloaded once into its cache (offline: served from it)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    size = FFHQ_MIRROR["bytes"]
-    log.info("FFHQ thumbnails: %.1f GB zip from the Hub dataset %s (once: later runs use the cache)", size / 1e9,
-             FFHQ_MIRROR["repo_id"])
+    cached = try_to_load_from_cache(FFHQ_MIRROR["repo_id"], FFHQ_MIRROR["filename"], repo_type="dataset")
+    if isinstance(cached, str):
+        log.info("FFHQ thumbnails: the zip of the Hub dataset %s, from the Hub cache (no download)",
+                 FFHQ_MIRROR["repo_id"])
+    else:
+        log.info("FFHQ thumbnails: %.1f GB zip to download from the Hub dataset %s (once: later runs use the cache)",
+                 FFHQ_MIRROR["bytes"] / 1e9, FFHQ_MIRROR["repo_id"])
     try:
         return Path(hf_hub_download(FFHQ_MIRROR["repo_id"], FFHQ_MIRROR["filename"], repo_type="dataset"))
     except LocalEntryNotFoundError:

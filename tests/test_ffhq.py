@@ -185,6 +185,17 @@ def test_fetch_extracts_the_mirror_zip_once_and_keeps_a_copy(offline_cache, tmp_
     assert len(open_source(str(folder), image_size=32)) == 36  # 40 thumbnails: the last 10% held out
 
 
+def test_fetch_says_when_the_zip_comes_from_the_cache(offline_cache, tmp_path, caplog):
+    """The cached zip is not announced as a 2.1 GB download (a new runtime with the Hub cache kept)."""
+    import logging
+
+    from parti.fetch import fetch_ffhq_thumbnails
+
+    with caplog.at_level(logging.INFO, logger="parti.fetch"):
+        fetch_ffhq_thumbnails(tmp_path / "ffhq128", progress=False)
+    assert "from the Hub cache (no download)" in caplog.text and "to download" not in caplog.text
+
+
 def test_fetch_refuses_what_it_cannot_do(offline_cache, tmp_path, monkeypatch):
     from parti import fetch
 
