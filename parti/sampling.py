@@ -118,9 +118,6 @@ def guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
-_guide = guide  # its earlier name, which tests/test_generator.py imports
-
-
 def generate(model: Generator, context: torch.Tensor, context_mask: torch.Tensor, *,
              params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
              compile: bool | str = False) -> torch.Tensor:

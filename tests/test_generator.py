@@ -237,7 +237,7 @@ def test_guidance_scale_one_equals_conditional(gen):
     b = generate_naive(gen, ctx, mask, params=params, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     # And the mixing formula at scale 1 returns the conditional logits exactly.
-    from parti.sampling import _guide
+    from parti.sampling import guide as _guide
     logits = torch.randn(6, 10)
     assert torch.allclose(_guide(logits, 3, 1.0), logits[:3])
 
