@@ -13,20 +13,33 @@ weights over a byte vocabulary: the anchor's default T5 at the reference width, 
 
     python benchmarks/bench_cache.py            # 64 images, 3 alternating epochs each (~4 min on 2 cores)
     python benchmarks/bench_cache.py --quick    # 32 images, 2 epochs each
+
+--reopen measures instead what opening a cache costs (`CodeCache(verify=...)`) on one of realistic size, written
+directly with random contents: `--rows` items (default 40,000: captioned FFHQ), 256 codes each, ragged fp16 text
+states of width `--dim` (1024: t5-large) and `--tokens` real tokens on average, shards of 10,000 rows:
+
+    python benchmarks/bench_cache.py --reopen                    # ~2.5 GB in a temporary folder (--dir to choose)
+    python benchmarks/bench_cache.py --reopen --rows 4000        # ~0.25 GB
+
+The files were just written, so they are read from the page cache: the "full" figures are the hashing cost
+alone, a lower bound for a cache read from a network disk (Google Drive: tens of MB/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import common  # noqa: I001 - puts the repository on sys.path
+from parti import cache as cache_mod
 from parti.cache import CodeCache, collate_codes, encode_dataset
 from parti.data import open_source
 from parti.generator import build_generator
@@ -78,15 +91,79 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=None, help="images per epoch (default 64, quick 32)")
     p.add_argument("--repeats", type=int, default=None, help="epochs per path (default 3, quick 2)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--reopen", action="store_true", help="measure opening a cache of realistic size instead")
+    p.add_argument("--rows", type=int, default=40_000, help="--reopen: items in the cache")
+    p.add_argument("--dim", type=int, default=1024, help="--reopen: text state width")
+    p.add_argument("--tokens", type=int, default=30, help="--reopen: mean real tokens per caption")
+    p.add_argument("--dir", default=None, help="--reopen: where to write the cache (default: a temporary folder)")
     args = p.parse_args(argv)
     args.images = args.images or (32 if args.quick else 64)
     args.repeats = args.repeats or (2 if args.quick else 3)
     return args
 
 
+def write_cache(root: Path, *, rows: int, dim: int, tokens: int, seed: int = 0) -> int:
+    """A train split of `rows` random items written as `encode_dataset` writes them (`_ShardWriter`), and its
+    manifest; returns the bytes of its shard files."""
+    rng = np.random.default_rng(seed)
+    writer = cache_mod._ShardWriter(root / "train", shard_size=10_000, tokens=256, text_dim=dim, image_size=None)
+    for start in range(0, rows, 256):
+        b = min(256, rows - start)
+        lengths = rng.integers(tokens // 2, tokens * 3 // 2 + 1, b).astype(np.int32)
+        states = rng.standard_normal((int(lengths.sum()), dim), dtype=np.float32).astype(np.float16)
+        writer.add(codes=rng.integers(0, 8192, (b, 256), dtype=np.uint16), text=states, text_len=lengths,
+                   captions=[f"a face, number {start + i}" for i in range(b)])
+    writer.flush()
+    manifest = {"kind": "code_cache", "version": cache_mod.MANIFEST_VERSION, "data": "bench", "tokenizer": "bench",
+                "tokenizer_fingerprint": "bench", "image_size": 256, "grid_size": 16, "num_codes": 8192,
+                "text_encoder": {"kind": "bench", "dim": dim}, "text_dim": dim, "holdout": False,
+                "inputs": {"data": "bench"}, "splits": {"train": {"count": rows, "shards": writer.shards}}}
+    cache_mod.write_json(root / cache_mod.MANIFEST, manifest)
+    return sum(f["bytes"] for shard in writer.shards for f in shard["files"].values())
+
+
+def reopen(args, info) -> None:
+    """Time `CodeCache(root, "train", verify=...)` for each mode, and the first and second reopen of a copy."""
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp) / "cache"
+        t0 = time.perf_counter()
+        size = write_cache(root, rows=args.rows, dim=args.dim, tokens=args.tokens)
+        common.log(f"wrote {size / 1e9:.2f} GB ({args.rows} rows) in {time.perf_counter() - t0:.1f} s")
+        times: dict[str, list[float]] = {}
+
+        def timed(name: str, verify: str) -> None:
+            t = time.perf_counter()
+            CodeCache(root, "train", verify=verify)
+            times.setdefault(name, []).append(time.perf_counter() - t)
+
+        for _ in range(args.repeats):
+            for verify in cache_mod.VERIFY:
+                timed(verify, verify)
+        for _ in range(args.repeats):  # a copy (Drive to local, rsync without -t): every mtime moves
+            (root / cache_mod.STAMPS).unlink(missing_ok=True)
+            for path in (root / "train").iterdir():
+                os.utime(path, ns=(time.time_ns(), time.time_ns()))
+            timed("copied, 1st open", "changed")
+            timed("copied, 2nd open", "changed")
+    med = {name: sorted(xs)[len(xs) // 2] for name, xs in times.items()}
+    labels = {"full": "verify='full' (every file hashed: every reopen before)", "changed": "verify='changed' (default)",
+              "size": "verify='size'", "copied, 1st open": "a copy, 1st open (hashed, stamps kept)",
+              "copied, 2nd open": "a copy, 2nd open"}
+    print(f"\nMachine: {common.describe(info)}")
+    print(common.table(["reopen", "median", "per GB"],
+                       [[labels[n], common.fmt_s(t), common.fmt_s(t / (size / 1e9))] for n, t in med.items()],
+                       title=f"CodeCache reopen, {args.rows} rows, text {args.dim} wide, {size / 1e9:.2f} GB, "
+                             f"{args.repeats} repeats"))
+    common.emit_json({"benchmark": "cache_reopen", "machine": info, "rows": args.rows, "dim": args.dim,
+                      "tokens": args.tokens, "bytes": size, "repeats": args.repeats, "median_s": med,
+                      "seconds_per_gb": {n: t / (size / 1e9) for n, t in med.items()}})
+
+
 def main(argv=None):
     args = parse_args(argv)
     info = common.setup(args.threads)
+    if args.reopen:
+        return reopen(args, info)
     tok = build_tokenizer("base").eval()
     text = RandomT5Base()
     gen = build_generator("bench")

@@ -12,6 +12,8 @@ with guidance (scale 3) and without (scale 1), each with its peak memory; our ac
 of an fp32 matmul peak measured in the same rounds; the sampling step's linears alone in those rounds (the
 weights' read time at one or two rows: what bounds the speed-up over the anchor there); and a check for
 subnormal floats in the backward pass.
+Every sampling row reports MBU: the bytes a call must read (weights once a pass, KV caches;
+`common.decode_bytes`) per second over a 1 GiB streaming read timed in the same rounds.
 Ours samples with top-k 819 (10% of the codes), as the anchor's generate() does (filter_thres=0.9).
 Beside our fp32 sampler (the comparison at the anchor's precision), the same weights in bf16 (`parti sample
 --dtype bf16`: bf16 weights and KV cache, fp32 logits) run in the same rounds; their FLOP/s share is of a
@@ -216,6 +218,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
     probe, probe_flops = peak_probe
     samplers = our_samplers(gen, args.bf16, args.compile)
     probe16, probe16_flops = common.matmul_probe(dtype=torch.bfloat16)
+    stream, stream_bytes = common.stream_probe()  # MBU's denominator, in the same rounds
     rows = []
     for b in args.sample_batches:
         states, mask = text_inputs(b, c.text_dim, seed=10 + b)
@@ -230,7 +233,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
 
             ours_fns = {name: (lambda m=m, c=c: run(m, c)) for name, (m, c) in samplers.items()}
             lin_fn, lin_bytes = linears_alone(gen, b, guided=scale != 1.0)
-            fns = {**ours_fns, "linears alone": lin_fn, "matmul": probe,
+            fns = {**ours_fns, "linears alone": lin_fn, "matmul": probe, "stream read": stream,
                    **({"matmul bf16": probe16} if args.bf16 else {})}
             with_anchor = anchor_model is not None and b in (
                 args.anchor_sample_batches if scale == 3.0 else args.anchor_scale1_batches)
@@ -275,6 +278,11 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
                    "ours_gflops": flops / s["ours"].median / 1e9, "matmul_peak_gflops": statistics.median(peak) / 1e9,
                    "ours_share_of_peak": statistics.median(share("ours")),
                    "ours_share_of_peak_range": [min(share("ours")), max(share("ours"))]}
+            for k, (m, _) in samplers.items():  # MBU: the bytes a call must read over the streaming read's speed
+                nbytes = common.decode_bytes(m, batch=b, guided=scale != 1.0, passes=c.seq_len, text_len=TEXT_LEN)
+                row[f"{k}_mbu" if k != "ours" else "ours_mbu"] = common.mbu(nbytes, s[k].seconds,
+                                                                          s["stream read"].seconds, stream_bytes)
+            row["stream_gb_per_s"] = stream_bytes / s["stream read"].median / 1e9
             lin = s["linears alone"]
             row["linears_alone"] = {**common.summary(lin), "weight_bytes_per_token": lin_bytes,
                                     "read_gb_per_s": lin_bytes * c.seq_len / lin.median / 1e9,
@@ -287,6 +295,7 @@ def bench_sample(args, gen, anchor_model, peak_probe) -> list[dict]:
             if args.bf16:
                 row["matmul_peak_bf16_gflops"] = statistics.median(peak16) / 1e9
             row["variants"] = {k: {**common.summary(s[k]), "share_of_peak": statistics.median(share(k)),
+                                  "mbu": row.pop(f"{k}_mbu"),
                                   "ratio_anchor_over_it": common.paired_ratio(s["anchor"], s[k]) if with_anchor else None}
                               for k in ours_fns if k != "ours"}
             for k in row["variants"]:
@@ -378,7 +387,7 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
                          common.fmt_s(r["ours"]["median_s"]),
                          f"{common.fmt_s(r['ours']['q25_s'])} - {common.fmt_s(r['ours']['q75_s'])}",
                          f"{r['ours_images_per_s']:.2f}", common.fmt_mib(r["ours"]["peak_mib"]),
-                         f"{100 * r['ours_share_of_peak']:.0f}%",
+                         f"{100 * r['ours_share_of_peak']:.0f}%", f"{100 * r['ours_mbu']:.0f}%",
                          common.fmt_s(r["anchor"]["median_s"]) if "anchor" in r else "-",
                          common.fmt_mib(r["anchor"]["peak_mib"]) if "anchor" in r else "-",
                          common.fmt_ratio(ratio)])
@@ -392,18 +401,19 @@ def report(info, params, train, sample, peak_gflops) -> list[tuple[str, float | 
                     targets.append((f"guided sampling b{r['batch']} >= {need:.0f}x, compiled", compiled["median"],
                                     need, compiled["median"] >= need))
         print()
-        print(common.table(["batch", "guidance", "ours", "ours IQR", "img/s", "peak MiB", "of peak",
+        print(common.table(["batch", "guidance", "ours", "ours IQR", "img/s", "peak MiB", "of peak", "MBU",
                             "anchor", "anchor MiB", "speed-up [IQR]"], rows,
                            title="Sampling all 256 tokens (ours: KV cache, top-k 819; anchor: full prefix per token)"))
     variants = [(r, k, v) for r in sample or [] for k, v in r.get("variants", {}).items()]
     if variants:
         print()
-        print(common.table(["batch", "guidance", "sampler", "median", "img/s", "peak MiB", "of peak",
+        print(common.table(["batch", "guidance", "sampler", "median", "img/s", "peak MiB", "of peak", "MBU",
                             "speed-up [IQR]", "eager / compiled [IQR]", "compile s"],
                            [[str(r["batch"]), "on (3)" if r["guidance_scale"] != 1 else "off (1)", k,
                              common.fmt_s(v["median_s"]), f"{r['batch'] / v['median_s']:.2f}",
                              "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}",
-                             f"{100 * v['share_of_peak']:.0f}%", common.fmt_ratio(v["ratio_anchor_over_it"]),
+                             f"{100 * v['share_of_peak']:.0f}%", f"{100 * v['mbu']:.0f}%",
+                             common.fmt_ratio(v["ratio_anchor_over_it"]),
                              common.fmt_ratio(v.get("ratio_eager_over_it")),
                              "-" if v.get("compile_s") is None else f"{v['compile_s']:.1f}"]
                             for r, k, v in variants],

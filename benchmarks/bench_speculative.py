@@ -8,7 +8,9 @@ For each model and batch, in the same rounds: `generate` in fp32 (eager: the ref
 (`generate_speculative`, new drafts copied from the left neighbour; plain, and coupled at the largest window),
 int8 weights (`parti.quantize`, as `--dtype int8` loads them) alone and with SJD, and bf16 weights. Reported:
 seconds per call (median, quartiles), the paired speed-up over fp32, forward passes per image, tokens a pass
-commits and the mean accepted drafts. Models: the `bench` preset with random weights (guidance 3, top-k 819,
+commits and the mean accepted drafts, and MBU: the bytes a call must read (weights once a pass, KV caches;
+`common.decode_bytes`) per second over a streaming read of 1 GiB timed in the same rounds. With --anchor,
+parti-pytorch 0.2.0's generate() joins the bench preset's rounds (paired speed-up over it). Models: the `bench` preset with random weights (guidance 3, top-k 819,
 as benchmarks/bench_generator.py samples), and, where it exists, the demo's trained generator
 (checkpoints/demo/generator, made by `parti demo`) with the demo's sampling (guidance 1.5), prompts from
 its text encoder. With --accuracy, the demo's attribute accuracy (`parti.evaluate.attribute_accuracy`) for
@@ -86,14 +88,18 @@ def run_one(model, params: SamplingParams, ctx, mask, seed: int) -> dict:
     ctx = ctx.to(next(model.layers.parameters()).dtype)  # bf16 weights: a bf16 context, as the pipeline gives
     if (params.sjd_window or 1) == 1:
         generate(model, ctx, mask, params=params, generator=g)
-        return {"forwards": model.config.seq_len, "accepted": None}
+        return {"forwards": model.config.seq_len, "passes": model.config.seq_len, "accepted": None}
     r = generate_speculative(model, ctx, mask, params=params, generator=g)
-    return {"forwards": float(r.forwards.float().mean()), "accepted": r.accepted.tolist(),
-            "tokens_per_forward": r.tokens_per_forward}
+    # The batch runs until its slowest row is done: its weight reads are the most passes of any row.
+    return {"forwards": float(r.forwards.float().mean()), "passes": int(r.forwards.max()),
+            "accepted": r.accepted.tolist(), "tokens_per_forward": r.tokens_per_forward}
 
 
-def bench_model(name: str, models: dict, inputs, params: SamplingParams, args) -> list[dict]:
+def bench_model(name: str, models: dict, inputs, params: SamplingParams, args, anchor=None) -> list[dict]:
+    """Every contender at each batch, alternated round by round with a streaming read (MBU's denominator) and,
+    given `anchor` (batch -> fn, for the batches it runs at), parti-pytorch's generate() on the same states."""
     rows = []
+    stream, stream_bytes = common.stream_probe()
     for batch in args.batches:
         ctx, mask = inputs(batch)
         runs = contenders(models, params, args.windows)
@@ -104,18 +110,53 @@ def bench_model(name: str, models: dict, inputs, params: SamplingParams, args) -
                 stats[label] = run_one(*runs[label], ctx, mask, seed=0)
             return fn
 
-        common.log(f"{name}, batch {batch}: {len(runs)} samplers x {args.repeats} rounds")
-        samples = common.alternate({label: call(label) for label in runs}, repeats=args.repeats, warmup=1,
-                                   memory=False)
-        for label, s in samples.items():
-            st = stats[label]
+        fns = {label: call(label) for label in runs}
+        fns["stream read"] = stream
+        if anchor is not None and batch in anchor:
+            fns["parti-pytorch"] = anchor[batch]
+        common.log(f"{name}, batch {batch}: {len(fns)} contenders x {args.repeats} rounds")
+        samples = common.alternate(fns, repeats=args.repeats, warmup=1, memory=False)
+        guided = params.guidance_scale != 1.0
+        for label in runs:
+            s, st = samples[label], stats[label]
             acc = st["accepted"]
             mean_acc = None if acc is None else sum(i * n for i, n in enumerate(acc)) / max(sum(acc), 1)
+            nbytes = common.decode_bytes(runs[label][0], batch=batch, guided=guided, passes=st["passes"],
+                                         text_len=ctx.shape[1])
             rows.append({"model": name, "batch": batch, "sampler": label, "time": common.summary(s),
                          "speedup_vs_fp32": common.paired_ratio(samples["fp32"], s),
                          "forwards_per_image": st["forwards"], "tokens_per_forward": st.get("tokens_per_forward", 1.0),
-                         "mean_accepted_drafts": mean_acc, "accepted_histogram": acc})
+                         "mean_accepted_drafts": mean_acc, "accepted_histogram": acc,
+                         "bytes_read": nbytes, "read_gb_per_s": nbytes / s.median / 1e9,
+                         "mbu": common.mbu(nbytes, s.seconds, samples["stream read"].seconds, stream_bytes),
+                         "stream_gb_per_s": stream_bytes / samples["stream read"].median / 1e9,
+                         "speedup_vs_parti_pytorch": common.paired_ratio(samples["parti-pytorch"], s)
+                         if "parti-pytorch" in samples else None})
     return rows
+
+
+def anchor_calls(gen, batches: list[int]) -> dict | None:
+    """batch -> parti-pytorch 0.2.0's generate() (always guided at scale 3, top-k 0.9) on the bench inputs' text
+    states, at the bench preset's shape; None when it is not installed (see benchmarks/anchor.py)."""
+    try:
+        from anchor import build_anchor_parti, set_anchor_text
+    except Exception as e:  # noqa: BLE001 - not installed: ours alone
+        common.log(f"parti-pytorch unavailable ({e}); ours alone")
+        return None
+    c = gen.config
+    model = build_anchor_parti(dim=c.dim, depth=c.depth, heads=c.heads, num_codes=c.num_codes,
+                               grid_size=c.grid_size, text_dim=c.text_dim)
+    calls = {}
+    for b in batches:
+        states = torch.randn(b, TEXT_LEN, c.text_dim, generator=torch.Generator().manual_seed(b))
+
+        def fn(b=b, states=states):
+            set_anchor_text(model, states, torch.ones(b, TEXT_LEN, dtype=torch.bool))
+            with torch.inference_mode():
+                model.generate([""] * b)
+
+        calls[b] = fn
+    return calls
 
 
 def demo_accuracy(args) -> dict:
@@ -155,6 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--no-bench", action="store_true", help="leave out the bench preset")
     p.add_argument("--accuracy", action="store_true", help="the demo's attribute accuracy: fp32, SJD, int8")
     p.add_argument("--accuracy-seeds", type=int, default=2)
+    p.add_argument("--anchor", action="store_true",
+                   help="also parti-pytorch 0.2.0 (the `bench` extra) in the bench preset's rounds: minutes a call")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batches = 3, [1]
@@ -170,8 +213,9 @@ def main(argv=None):
     if not args.no_bench:
         torch.manual_seed(0)
         models, int8_error["bench"] = model_set(build_generator("bench").eval())
+        anchor = anchor_calls(models["fp32"], args.batches) if args.anchor else None
         rows += bench_model("bench (random)", models, lambda b: bench_inputs(models["fp32"], b),
-                            SamplingParams(guidance_scale=3.0, top_k=TOP_K), args)
+                            SamplingParams(guidance_scale=3.0, top_k=TOP_K), args, anchor)
     demo = DEMO.is_dir() and not args.no_demo
     if demo:
         pipe = load_pipeline(DEMO, device="cpu", dtype="fp32", compile=False)
@@ -183,9 +227,12 @@ def main(argv=None):
               f"{common.fmt_s(r['time']['q25_s'])} - {common.fmt_s(r['time']['q75_s'])}",
               common.fmt_ratio(r["speedup_vs_fp32"]), f"{r['forwards_per_image']:.1f}",
               f"{r['tokens_per_forward']:.2f}",
-              "-" if r["mean_accepted_drafts"] is None else f"{r['mean_accepted_drafts']:.2f}"] for r in rows]
+              "-" if r["mean_accepted_drafts"] is None else f"{r['mean_accepted_drafts']:.2f}",
+              f"{r['read_gb_per_s']:.1f}", f"{100 * r['mbu']:.0f}%",
+              common.fmt_ratio(r["speedup_vs_parti_pytorch"]) if r["speedup_vs_parti_pytorch"] else "-"]
+             for r in rows]
     print(common.table(["model", "batch", "sampler", "median", "q25 - q75", "speed-up vs fp32", "passes/image",
-                        "tokens/pass", "accepted/pass"], table,
+                        "tokens/pass", "accepted/pass", "GB/s read", "MBU", "vs parti-pytorch"], table,
                        title=f"SJD and int8 sampling on CPU ({info['isa']['capability']}, {args.threads} threads)"))
     print(f"int8 logits' relative error on fixed inputs: {int8_error}")
     if accuracy:

@@ -217,6 +217,45 @@ def matmul_peak(n: int = MATMUL_N, repeats: int = 5) -> float:
     return max(flops / time_call(fn, memory=False)[0] for _ in range(repeats))
 
 
+# ---- memory bandwidth and MBU ------------------------------------------------------------------------
+
+STREAM_BYTES = 1 << 30  # far above any CPU's last-level cache: every pass streams from DRAM
+
+
+def stream_probe(nbytes: int = STREAM_BYTES) -> tuple[Callable[[], None], int]:
+    """-> (fn, bytes): fn reads a buffer of `nbytes` once (a sum: reads only, vectorised, on every thread);
+    bytes / seconds is the machine's streaming bandwidth now, the denominator of MBU. Time it in the same
+    rounds as what it is compared with: bandwidth moves with the machine's neighbours hour by hour."""
+    x = torch.ones(nbytes // 4)
+
+    def fn():
+        x.sum()
+
+    return fn, x.numel() * 4
+
+
+def decode_bytes(model, *, batch: int, guided: bool, passes: float, text_len: int) -> float:
+    """Bytes one sampling call must read (MBU's numerator, as nanochat's inference benchmark counts it:
+    weights once per forward pass, plus the KV cache read by attention): `passes` forward passes (256 for
+    plain decoding; SJD's measured passes for a batch), each reading the decoder's weights as stored (int8
+    buffers count one byte a weight), the self-attention cache of every row at its mean length (half the
+    sequence) and the cross-attention keys/values of the conditional rows (the null rows' output is a
+    constant). Caches are in the dtype of the model's final norm (the activations' dtype)."""
+    c = model.config
+    weights = sum(t.numel() * t.element_size() for m in (model.layers, model.norm, model.head)
+                  for t in (*m.parameters(), *m.buffers()))
+    elem = model.norm.weight.element_size()
+    rows = 2 * batch if guided else batch
+    kv_self = rows * (c.seq_len / 2) * 2 * c.depth * c.dim * elem
+    kv_cross = batch * text_len * 2 * c.depth * c.dim * elem
+    return passes * (weights + kv_self + kv_cross)
+
+
+def mbu(nbytes: float, seconds: list[float], stream_seconds: list[float], stream_bytes: int) -> float:
+    """Median over paired rounds of (bytes read / seconds) / (streaming bandwidth of the same round)."""
+    return statistics.median((nbytes / t) / (stream_bytes / b) for t, b in zip(seconds, stream_seconds))
+
+
 # ---- FLOP counts ----------------------------------------------------------------------------------
 
 def generator_forward_flops(c, *, batch: int, text_len: int) -> float:

@@ -54,6 +54,7 @@ MANIFEST_NAME = "manifest.json"  # a code cache's description, written last
 EVAL_NAME = "eval.json"  # `parti evaluate`'s results, by default
 EVAL_TOKENIZER_NAME = "eval_tokenizer.json"  # `parti evaluate-tokenizer`'s results, by default
 DEMO_NAME = "demo.json"  # `parti demo`'s summary, in the demo's output folder
+MAX_GRID_BYTES = 64 << 20  # a sample grid is a few MB; anything larger in samples/ is not one
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # First bytes of pickle streams (protocol 2+) and of torch.save's zip archives: named in the error only.
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -64,8 +65,8 @@ MAX_TENSOR_FILE_BYTES = 4 * MAX_PARAM_BYTES + 2**30
 MODEL_KINDS = ("tokenizer", "generator", "text_encoder")
 # Top-level keys of config.json beyond kind/config/fingerprint, per kind: any other key is an edit or
 # another tool's file. A new key the trainers record must be added here (saving refuses unknown ones).
-EXTRA_KEYS = {"tokenizer": (), "text_encoder": ("tokenizer_fingerprint",),
-              "generator": ("tokenizer_fingerprint", "text_encoder", "text_encoder_source", "data")}
+EXTRA_KEYS = {"tokenizer": ("best",), "text_encoder": ("tokenizer_fingerprint",),
+              "generator": ("tokenizer_fingerprint", "text_encoder", "text_encoder_source", "data", "best")}
 # safetensors header dtype names of the torch dtypes our models hold.
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",

@@ -166,11 +166,15 @@ def cmd_demo(cfg: DemoConfig) -> None:
     print(f"demo finished ({summary['size']} configuration): tokenizer {sec['tokenizer']:.0f} s, generator "
           f"{sec['generator']:.0f} s (times of the run that trained them), sampling and scoring "
           f"{sec['sampling_and_scoring']:.0f} s")
-    for prefix in ("attribute_accuracy", "holdout_attribute_accuracy"):
+    labels = {"attribute_accuracy": "", "holdout_attribute_accuracy": " (held-out pairs)",
+              "heldout_phrasing_attribute_accuracy": " (held-out phrasings)"}
+    for prefix, said in labels.items():
         for key in ("background_color", "hair_color", "overall"):
             if f"{prefix}.{key}" in acc:
-                label = f"{key} accuracy" + (" (held-out pairs)" if prefix.startswith("holdout") else "")
-                print(f"  {label} {acc[f'{prefix}.{key}']:.2%} (chance {acc.get(f'chance.{key}', float('nan')):.2%})")
+                print(f"  {key} accuracy{said} {acc[f'{prefix}.{key}']:.2%} "
+                      f"(chance {acc.get(f'chance.{key}', float('nan')):.2%})")
+    if "grid_attribute_accuracy.unasked" in acc:
+        print(f"  unasked-for glasses or hats in the picture: {acc['grid_attribute_accuracy.unasked']:.1%}")
     print(f"  samples: {summary['images'][0]}\n  checkpoints: {summary['checkpoints']['generator']}")
 
 

@@ -2,6 +2,8 @@
 
 spec is "synthetic" (parti.synthetic faces), a folder of images, "hf:NAME" (a hub dataset), a local
 .parquet file or folder of them, or an imagefolder-style folder with metadata.csv/jsonl/parquet.
+Tables are read with pyarrow where they lie (`ParquetRows`: one row group's needed columns at a time), never
+copied: no Arrow or `datasets` cache is written, so a 16 GB dataset needs its 16 GB once, not twice.
 Every item's image is a float32 (3, S, S) tensor in [-1, 1]. An unreadable image never stops an epoch:
 the item comes back as None (warned once, counted in `source.skipped`) and `collate` drops it.
 The order training reads items in is `parti.batches`' (seeded per epoch, resumable at any batch).
@@ -13,15 +15,21 @@ from __future__ import annotations
 
 import codecs
 import io
+import json
 import logging
 import os
 import re
 import stat
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
@@ -47,6 +55,9 @@ CONDITION_WORDS = ("conditioning", "condition", "control", "controlnet", "mask",
                    "canny", "pose", "openpose", "seg", "segmentation", "sketch", "scribble", "hed", "lineart",
                    "normal", "normals", "hint")
 SYNTHETIC_LENGTHS = {"train": DEFAULT_LENGTH, "val": VAL_LENGTH}
+# Decoded row groups a table keeps per process, in Arrow bytes: a Hub shard's group of 100 512px images with
+# captions is ~40 MB, so a few groups; DataLoader workers each keep their own.
+TABLE_CACHE_BYTES = 256 << 20
 
 
 class UnreadableImageWarning(UserWarning):
@@ -189,10 +200,10 @@ class FolderSource(ImageSource):
 
 
 class TableSource(ImageSource):
-    """Rows of a `datasets.Dataset` (hub, parquet or imagefolder); `rows` maps item -> table row.
+    """Rows of a table (`ArrowRows`: parquet shards or an imagefolder's metadata); `rows` maps item -> table row.
 
     A cell that names a file is read only when the file lies under one of `roots` (the dataset's folder,
-    or the datasets/hub caches for hf: datasets): a table is input, and a column of absolute paths must
+    or the hub cache for hf: datasets): a table is input, and a column of absolute paths must
     not turn training into a reader of any local file.
     """
 
@@ -307,27 +318,26 @@ def open_source(spec: str, *, split: str = "train", image_size: int = 128, image
     if spec.startswith("hf:"):
         local = Path(spec[3:]).expanduser()  # hf:FOLDER reads a local copy in the hub layout
         folder = local if _exists(local, spec) and local.is_dir() else dataset_snapshot(spec[3:])
-        tables = _load_tables("parquet", spec, data_files=_parquet_splits(folder, spec))
-        return _open_table(tables, spec, image_column, caption_column, common, roots=(folder, *_hub_roots()))
+        return _open_table(_parquet_splits(folder, spec), spec, image_column, caption_column, common,
+                           roots=(folder, *_hub_roots()))
     path = Path(spec).expanduser()
     if not _exists(path, spec):
         raise PartiError(f"no such file or folder {spec!r}; pass 'synthetic', a folder of images, a .parquet "
                          "file or folder, or hf:NAME")
+    metadata: list[Path] = []
     if path.is_file():
         if path.suffix != ".parquet":
             raise PartiError(f"{spec!r} is a file but not .parquet; pass a .parquet file or a folder of images")
-        tables = _load_tables("parquet", spec, data_files=str(path))
+        splits = {"train": [path]}
     else:
         images, texts, parquets, metadata = _walk(path)
         if not (metadata or parquets):
             return _open_folder(images, texts, spec, common)
-        # imagefolder: captions and other columns come from the metadata file; else parquet shards
-        if metadata:
-            tables = _load_tables("imagefolder", spec, data_dir=str(path))
-        else:
-            tables = _load_tables("parquet", spec, data_files=_parquet_splits(path, spec))
+        # imagefolder: captions and other columns come from the metadata files; else parquet shards
+        splits = _metadata_splits(path, metadata) if metadata else _parquet_splits(path, spec)
     root = path if path.is_dir() else path.parent
-    return _open_table(tables, spec, image_column, caption_column, common, roots=(root,))
+    return _open_table(splits, spec, image_column, caption_column, common, roots=(root,),
+                       imagefolder=bool(metadata))
 
 
 def _exists(path: Path, spec: str) -> bool:
@@ -342,36 +352,39 @@ def _exists(path: Path, spec: str) -> bool:
 
 
 def _hub_roots() -> tuple[Path, ...]:
-    """Where files of a hub dataset live once downloaded: the datasets and hub caches."""
-    import datasets
+    """Where files of a hub dataset live once downloaded: the hub cache (huggingface_hub's, which honours
+    HF_HUB_CACHE and HF_HOME). The `datasets` cache is no root: nothing parti reads is ever written there."""
     from huggingface_hub import constants
 
-    return (Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE))
+    return (Path(constants.HF_HUB_CACHE),)
 
 
-def _parquet_splits(folder: Path, spec: str) -> dict[str, list[str]]:
-    """A folder's parquet shards by split, named as the Hub names them (`data/train-00000-of-00032-<hash>.parquet`,
-    or a split's folder): listed here, symlinks included (the Hub cache's snapshots are links to blobs, which
-    older `datasets` versions do not follow when they scan a folder). Shards named for no split are train."""
-    splits: dict[str, list[str]] = {}
+def _split_of(folder: Path, file: Path) -> str:
+    """The split a file of a dataset belongs to, as the Hub names them: by its name
+    (`data/train-00000-of-00032-<hash>.parquet`) or a folder named for the split (`test/metadata.jsonl`);
+    a file named for no split is train."""
+    rel = file.relative_to(folder).as_posix().lower()
+    return next((s for s in ("train", *VAL_SPLIT_NAMES) if rel.split("/")[-1].startswith(s + "-")
+                 or f"/{s}/" in f"/{rel}"), "train")
+
+
+def _parquet_splits(folder: Path, spec: str) -> dict[str, list[Path]]:
+    """A folder's parquet shards by split (`_split_of`), sorted, symlinks included (the Hub cache's snapshots are
+    links to blobs)."""
+    splits: dict[str, list[Path]] = {}
     for shard in sorted(folder.rglob("*.parquet")):
-        rel = shard.relative_to(folder).as_posix().lower()
-        name = next((s for s in ("train", *VAL_SPLIT_NAMES) if rel.split("/")[-1].startswith(s + "-")
-                     or f"/{s}/" in f"/{rel}"), "train")
-        splits.setdefault(name, []).append(str(shard))
+        splits.setdefault(_split_of(folder, shard), []).append(shard)
     if not splits:
         raise PartiError(f"{spec!r} holds no parquet shards; give a folder of images, parquet files, or hf:NAME")
     return splits
 
 
-def _load_tables(path: str, spec: str, *, data_files: str | dict | None = None, data_dir: str | None = None) -> Any:
-    """datasets.load_dataset -> a DatasetDict; its failures become one line."""
-    import datasets  # heavy; imported only when a table is opened
-
-    try:
-        return datasets.load_dataset(path, data_files=data_files, data_dir=data_dir)
-    except Exception as err:
-        raise PartiError(f"could not load dataset {spec!r}: {(str(err) or repr(err)).splitlines()[0]}") from err
+def _metadata_splits(folder: Path, metadata: list[Path]) -> dict[str, list[Path]]:
+    """An imagefolder's metadata files by split (`_split_of`), sorted by path."""
+    splits: dict[str, list[Path]] = {}
+    for file in sorted(metadata, key=lambda p: p.relative_to(folder).as_posix()):
+        splits.setdefault(_split_of(folder, file), []).append(file)
+    return splits
 
 
 def _walk(root: Path) -> tuple[list[Path], set[Path], list[Path], list[Path]]:
@@ -431,8 +444,8 @@ class _EveryNth:
         return (np.arange(n) % VAL_EVERY == VAL_EVERY - 1) == self.val
 
 
-def _pick_split(tables: Any, split: str, spec: str) -> tuple[Any, _EveryNth | None]:
-    """(table, row filter or None): a named val split if there is one, else every VAL_EVERY-th row."""
+def _pick_split(tables: dict[str, Any], split: str, spec: str) -> tuple[Any, _EveryNth | None]:
+    """(table's files, row filter or None): a named val split if there is one, else every VAL_EVERY-th row."""
     names = list(tables)
     val_name = next((v for v in VAL_SPLIT_NAMES if v in names), None)
     if split == "val" and val_name is not None:
@@ -498,35 +511,219 @@ def _find_caption(columns: list[str], texts: list[str], caption_column: str | No
     return None, "no text column"
 
 
-def _is_text_feature(feature: Any) -> bool:
+# ---- tables ------------------------------------------------------------------------------------
+
+class ArrowRows:
+    """Random access by row to a table stored in row groups: `rows[i]` -> {column: Python value} of the
+    selected columns (`select`; all until then).
+
+    Subclasses give each group's row count and read one group's columns (`_read`). Row i is found by binary
+    search over the groups' first rows: (group, offset in it). Decoded groups live in an LRU bounded in bytes:
+    at most `cache_bytes` of Arrow memory, the group just read kept whatever its size. A pass in row order
+    (encoding a dataset) decodes each group once; a shuffled pass over a table larger than the cache decodes
+    about one group per item, so shuffled training suits tables that fit the cache.
+    """
+
+    def __init__(self, schema: pa.Schema, sizes: list[int], *, cache_bytes: int = TABLE_CACHE_BYTES):
+        self.schema, self.features = schema, _hf_features(schema)
+        self.columns = list(schema.names)
+        self.starts = np.cumsum([0, *sizes])  # (groups + 1,): each group's first row, then the row count
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()  # group -> its selected columns, newest last
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def select(self, columns: list[str]) -> None:
+        self.columns = list(columns)
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """Row -> (group, offset): the last group starting at or before it (empty groups share a start)."""
+        group = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return group, row - int(self.starts[group])
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} rows")
+        group, offset = self.locate(row)
+        table = self._group(group)
+        return {c: table.column(c)[offset].as_py() for c in self.columns}
+
+    def _group(self, group: int) -> pa.Table:
+        if group in self._cache:
+            self._cache.move_to_end(group)
+            return self._cache[group]
+        table = self._cache[group] = self._read(group, self.columns)
+        self._cached_bytes += table.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:  # oldest first; the newest stays
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return table
+
+    def _read(self, group: int, columns: list[str]) -> pa.Table:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:  # a worker started by spawn gets no decoded groups (nor open files)
+        return {**self.__dict__, "_cache": OrderedDict(), "_cached_bytes": 0}
+
+
+class ParquetRows(ArrowRows):
+    """The rows of parquet shards, in order: a group is one row group of one shard, read with only the
+    selected columns. Footers are read when opened (a damaged one is a PartiError naming the file); files are
+    opened once per process, so DataLoader workers (forked with this object) share no file position."""
+
+    def __init__(self, files: list[Path], *, spec: str, cache_bytes: int = TABLE_CACHE_BYTES):
+        self.files, self.spec = [Path(f) for f in files], spec
+        self._handles: dict[int, pq.ParquetFile] = {}
+        self._pid = os.getpid()
+        self._where: list[tuple[int, int]] = []  # group -> (shard, row group in it)
+        sizes = []
+        for shard in range(len(self.files)):
+            meta = self._file(shard).metadata
+            for g in range(meta.num_row_groups):
+                self._where.append((shard, g))
+                sizes.append(meta.row_group(g).num_rows)
+        super().__init__(self._file(0).schema_arrow, sizes, cache_bytes=cache_bytes)
+
+    def select(self, columns: list[str]) -> None:
+        for shard, path in enumerate(self.files):
+            missing = [c for c in columns if c not in self._file(shard).schema_arrow.names]
+            if missing:
+                raise PartiError(f"{self.spec!r}: the shard {path} has no column {missing[0]!r}, which "
+                                 f"{self.files[0].name} has; a dataset's shards must share their columns")
+        super().select(columns)
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        if self._pid != os.getpid():  # a forked worker: its own handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            path = self.files[shard]
+            try:
+                self._handles[shard] = pq.ParquetFile(path)
+            except (OSError, ValueError, pa.ArrowException) as err:
+                raise PartiError(f"{self.spec!r}: could not read the parquet file {path} ({_first_line(err)}); "
+                                 f"it is damaged or not parquet: download it again or remove it") from None
+        return self._handles[shard]
+
+    def _read(self, group: int, columns: list[str]) -> pa.Table:
+        shard, g = self._where[group]
+        try:
+            return self._file(shard).read_row_group(g, columns=columns, use_threads=False)
+        except (OSError, ValueError, pa.ArrowException) as err:  # a damaged page: its rows are skipped
+            raise _Unreadable(f"row group {g} of {self.files[shard]}: {_first_line(err)}") from err
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_handles": {}}
+
+
+class MemoryRows(ArrowRows):
+    """An Arrow table already in memory (an imagefolder's metadata) as one group."""
+
+    def __init__(self, table: pa.Table, *, images: list[str]):
+        super().__init__(table.schema, [table.num_rows])
+        self.table = table
+        self.features = {**self.features, **{c: {"_type": "Image"} for c in images}}
+
+    def _read(self, group: int, columns: list[str]) -> pa.Table:
+        return self.table.select(columns)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err) or repr(err)).splitlines()[0]
+
+
+def _hf_features(schema: pa.Schema) -> dict[str, Any]:
+    """The Hugging Face features `datasets` keeps in a parquet file's schema metadata (b"huggingface":
+    {"info": {"features": {column: feature}}}), or {} when there are none or they do not parse."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return features if isinstance(features, dict) else {}
+
+
+def _is_image(kind: pa.DataType, feature: Any) -> bool:
+    """An image column: a feature of _type Image, or a struct with `bytes` and `path` fields (how one is stored)."""
+    if isinstance(feature, dict) and feature.get("_type") == "Image":
+        return True
+    return pa.types.is_struct(kind) and {"bytes", "path"} <= {kind.field(i).name for i in range(kind.num_fields)}
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_text(kind: pa.DataType) -> bool:
     """A string column, or a list of strings (several captions a row: the first is used)."""
-    import datasets
-
-    inner = getattr(feature, "feature", None)  # List / Sequence / LargeList of ...
-    if inner is not None and not isinstance(feature, datasets.Value):
-        feature = inner
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        kind = kind.value_type
+    return _is_string(kind)
 
 
-def _open_table(tables: Any, spec: str, image_column: str | None, caption_column: str | None,
-                common: dict, *, roots: tuple[Path, ...]) -> ImageSource:
-    import datasets
+def _kind(kind: pa.DataType) -> str:
+    """A column's type in a message: int64, struct, list, ..."""
+    if pa.types.is_struct(kind):
+        return "struct"
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return "list"
+    return str(kind)
 
-    table, keep = _pick_split(tables, common["split"], spec)
-    features = table.features or {}
-    columns = list(table.column_names or []) or list(next(iter(table), {}))  # unknown features: peek a row
+
+def _read_metadata(path: Path) -> pa.Table:
+    """One imagefolder metadata file (csv, jsonl or parquet) as an Arrow table; a bad one is a PartiError."""
+    try:
+        if path.name.endswith(".csv"):
+            return pa_csv.read_csv(path)
+        if path.name.endswith(".jsonl"):
+            return pa_json.read_json(path)
+        return pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise PartiError(f"could not read {path}: {_first_line(err)}; fix or remove it") from None
+
+
+def _metadata_rows(files: list[Path]) -> MemoryRows:
+    """An imagefolder's rows (as `datasets`' imagefolder defines them): the rows of its metadata files, whose
+    `file_name` column (or `NAME_file_name`) names an image relative to the metadata file's folder; it becomes
+    the image column "image" (or NAME) of paths. Images no metadata row names are not rows."""
+    tables, images = [], set()
+    for path in files:
+        table = _read_metadata(path)
+        named = [c for c in table.column_names if c == "file_name" or c.endswith("_file_name")]
+        if not named:
+            raise PartiError(f"{path} has no file_name column (its columns are {table.column_names}); an "
+                             f"imagefolder's metadata names each row's image in 'file_name'")
+        folder = os.path.abspath(path.parent)  # lexical, like TableSource's roots
+        for c in named:
+            paths = [None if v is None else os.path.join(folder, str(v)) for v in table.column(c).to_pylist()]
+            image = c[: -len("_file_name")] or "image"  # "file_name" is shorter than the suffix: ""
+            table = table.set_column(table.column_names.index(c), image, pa.array(paths, pa.string()))
+            images.add(image)
+        tables.append(table)
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except (ValueError, pa.ArrowException) as err:
+        raise PartiError(f"the metadata files {[str(f) for f in files]} do not share their columns' types "
+                         f"({_first_line(err)}); make them agree") from None
+    return MemoryRows(table, images=sorted(images))
+
+
+def _open_table(splits: dict[str, list[Path]], spec: str, image_column: str | None, caption_column: str | None,
+                common: dict, *, roots: tuple[Path, ...], imagefolder: bool = False) -> ImageSource:
+    """A TableSource over one split of parquet shards (or an imagefolder's metadata files), columns found."""
+    files, keep = _pick_split(splits, common["split"], spec)
+    table = _metadata_rows(files) if imagefolder else ParquetRows(files, spec=spec)
+    kinds = {f.name: f.type for f in table.schema}
+    images = [c for c, k in kinds.items() if _is_image(k, table.features.get(c))]
     image_column, caption_column = find_columns(
-        columns, images=[c for c, f in features.items() if isinstance(f, datasets.Image)],
-        texts=[c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")],
+        list(kinds), images=images, texts=[c for c, k in kinds.items() if _is_string(k) and c not in images],
         image_column=image_column, caption_column=caption_column, spec=spec)
-    if caption_column is not None and caption_column in features and not _is_text_feature(features[caption_column]):
-        feature = features[caption_column]
-        kind = getattr(feature, "dtype", None) or {"dict": "struct"}.get(type(feature).__name__, type(feature).__name__)
-        raise PartiError(f"{spec!r}: caption column {caption_column!r} holds {kind} values, not text; captions "
-                         f"must be strings: pass --caption-column with a text column (or --caption-column none)")
-    if isinstance(features.get(image_column), datasets.Image):
-        table = table.cast_column(image_column, datasets.Image(decode=False))  # we decode, and skip failures
-    table = table.select_columns([c for c in (image_column, caption_column) if c])
+    if caption_column is not None and not _is_text(kinds[caption_column]):
+        raise PartiError(f"{spec!r}: caption column {caption_column!r} holds {_kind(kinds[caption_column])} values, "
+                         f"not text; captions must be strings: pass --caption-column with a text column (or "
+                         f"--caption-column none)")
+    table.select([c for c in (image_column, caption_column) if c])  # only these are ever read
     all_rows = np.arange(len(table))
     kept = all_rows if keep is None else all_rows[keep.mask(len(table))]
     if len(kept) == 0:

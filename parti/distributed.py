@@ -17,8 +17,10 @@ from parti.metrics import code_usage
 log = logging.getLogger(__name__)
 
 
-def make_accelerator(mixed_precision: str = "auto", *, cpu: bool = False):
-    """An accelerate.Accelerator with bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
+def make_accelerator(mixed_precision: str = "auto", *, cpu: bool = False, log_with: str | None = None,
+                     project_dir: str | None = None):
+    """An accelerate.Accelerator with bf16 where supported, fp16 on older GPUs, fp32 on CPU; `log_with`: its
+    tracker (tensorboard, wandb), writing under `project_dir`."""
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
@@ -26,7 +28,7 @@ def make_accelerator(mixed_precision: str = "auto", *, cpu: bool = False):
         mixed_precision = "no" if cpu else choose_mixed_precision()
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise PartiError(f"--mixed-precision must be auto, no, bf16 or fp16; got {mixed_precision!r}")
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with, project_dir=project_dir)
     log.info("device %s, mixed precision %s, %d process(es)", acc.device, mixed_precision, acc.num_processes)
     return acc
 

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from parti import synthetic
-from parti.checkpoint import EVAL_NAME, EVAL_TOKENIZER_NAME
+from parti.audit import audit_grid_path, check_audit_grid, memorisation_audit, training_pool, write_audit_grid
+from parti.cache import cache_inputs, held_out_source
+from parti.checkpoint import CACHE_DIR, EVAL_NAME, EVAL_TOKENIZER_NAME
 from parti.data import collate, open_source
 from parti.device import default_device
 from parti.errors import PartiError
@@ -113,6 +115,15 @@ class GeneratorEvalConfig(EvalConfig):
     holdout: bool = setting(False, "synthetic: also score prompts whose (hair, background) pair was held out")
     clip: str | None = setting(None, f"CLIP hub name or local folder (default {DEFAULT_CLIP})")
     text_encoder_path: str | None = setting(None, "local copy of the frozen T5 the generator used")
+    audit: bool = setting(False, "memorisation audit: are generated images closer to a training image than held-out "
+                          "ones are (parti.audit; needs the FID Inception; minutes on a CPU)")
+    audit_images: int = setting(64, "audit: images generated (half from training captions) and held-out images "
+                                "compared", minimum=2, maximum=10**5)
+    audit_train_limit: int = setting(2000, "audit: training images featurised at most (a seeded random subset), "
+                                     "besides the shortlists", minimum=1, maximum=10**7)
+    audit_shortlist: int = setting(4, "audit with a code cache: also featurise each image's k training images of "
+                                   "most agreeing codes, searched over all cached codes (0: off)", minimum=0,
+                                   maximum=1000)
 
 
 # ---- metric networks, loaded explicitly (nothing loads at import) --------------------------------
@@ -263,8 +274,12 @@ def holdout_attribute_prompts(*, num_prompts: int, seed: int = 0) -> list[dict]:
 
 
 def _phrase(combos: list[dict], phrasing: str, seed: int) -> list[str]:
+    """phrasing: one of PHRASINGS, or "heldout" (phrasings no training caption uses)."""
     if phrasing == "describe":  # names all seven attributes
         return [synthetic.describe(a) for a in combos]
+    if phrasing == "heldout":  # an accessory named before hair and background; some attributes left unnamed
+        rng = random.Random(f"heldout-captions:{seed}")
+        return [synthetic.heldout_caption(a, rng) for a in combos]
     rng = random.Random(f"captions:{seed}")  # the training phrasings; some name only a few attributes
     return [synthetic.make_caption(a, rng) for a in combos]
 
@@ -275,20 +290,31 @@ def score_attributes(images: torch.Tensor, prompts: Sequence[str], *, prefix: st
 
     -> {prefix.<name>: share correct, prefix.overall: over all scored (image, attribute) pairs,
         prefix.num_images: n}; attributes no prompt names are absent.
+    Unasked-for features, an error rate: prefix.unasked_<glasses|hat> is the share of the images whose
+    prompt does not name that feature that show it (the captions name every worn one), and prefix.unasked
+    the share of all such (image, feature) pairs; absent when every prompt names both.
     """
     if len(prompts) != images.shape[0]:
         raise PartiError(f"need one prompt per image, got {len(prompts)} prompts for {images.shape[0]} images")
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
+    unasked: dict[str, list[bool]] = {"glasses": [], "hat": []}  # drawn?, per image not asking for it
     for pixels, prompt in zip(to_uint8(images), prompts):
-        read = synthetic.read_attributes(pixels)
-        for name, wanted in synthetic.parse_prompt(prompt).items():
+        read, named = synthetic.read_attributes(pixels), synthetic.parse_prompt(prompt)
+        for name, wanted in named.items():
             total[name] = total.get(name, 0) + 1
             correct[name] = correct.get(name, 0) + int(read[name] == wanted)
+        for name, drawn in unasked.items():
+            if name not in named:
+                drawn.append(bool(read[name]))
     out: dict[str, Any] = {f"{prefix}.{name}": correct[name] / total[name]
                            for name in synthetic.ATTRIBUTES if name in total}
     out[f"{prefix}.overall"] = sum(correct.values()) / max(1, sum(total.values()))
     out[f"{prefix}.num_images"] = len(prompts)
+    out.update({f"{prefix}.unasked_{name}": sum(drawn) / len(drawn) for name, drawn in unasked.items() if drawn})
+    pairs = [d for drawn in unasked.values() for d in drawn]
+    if pairs:
+        out[f"{prefix}.unasked"] = sum(pairs) / len(pairs)
     return out
 
 
@@ -303,7 +329,7 @@ def _chance(prompts: Sequence[str]) -> dict[str, float]:
 @torch.no_grad()
 def attribute_accuracy(pipeline, sampling: SamplingParams = SamplingParams(), *, num_prompts: int = 48,
                        images_per_prompt: int = 1, seed: int = 0, holdout: bool = False, batch_size: int = 64,
-                       phrasing: str = "describe") -> dict[str, Any]:
+                       phrasing: str = "describe", heldout_phrasing: bool = True) -> dict[str, Any]:
     """How often generated faces show the attributes their prompt names, beside chance level.
 
     pipeline: anything called like `parti.pipeline.Pipeline` whose output has `.images` (prompt-major).
@@ -311,24 +337,35 @@ def attribute_accuracy(pipeline, sampling: SamplingParams = SamplingParams(), *,
     (reported as holdout_attribute_accuracy.*); the ordinary prompts then avoid those pairs.
     phrasing: "describe" (one canonical sentence naming all attributes) or "captions" (the training
     captions' phrasings; only the attributes each names are scored).
-    Cost: one pipeline call over num_prompts * images_per_prompt (x2 with holdout) images.
+    heldout_phrasing: also `num_prompts` prompts (pairs as the ordinary ones) in phrasings no training caption
+    uses (parti.synthetic.heldout_caption), reported as heldout_phrasing_attribute_accuracy.*, with the
+    unasked-for glasses and hats their images show (.unasked*).
+    Cost: one pipeline call over num_prompts * images_per_prompt images per prompt set (up to three).
     """
     _check_count("num_prompts", num_prompts, 1)
     _check_count("images_per_prompt", images_per_prompt, 1)
     if phrasing not in PHRASINGS:
         raise PartiError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
-    seen = _phrase(attribute_prompts(num_prompts=num_prompts, seed=seed, holdout=holdout), phrasing, seed)
-    held = _phrase(holdout_attribute_prompts(num_prompts=num_prompts, seed=seed), phrasing, seed) if holdout else []
-    out = pipeline(seen + held, sampling, num_images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size)
-    rows = [p for p in seen + held for _ in range(images_per_prompt)]  # prompt-major, as the pipeline
+    combos = attribute_prompts(num_prompts=num_prompts, seed=seed, holdout=holdout)
+    sets = {"attribute_accuracy": _phrase(combos, phrasing, seed)}  # prefix -> prompts, in generation order
+    if holdout:
+        sets["holdout_attribute_accuracy"] = _phrase(holdout_attribute_prompts(num_prompts=num_prompts, seed=seed),
+                                                     phrasing, seed)
+    if heldout_phrasing:
+        sets["heldout_phrasing_attribute_accuracy"] = _phrase(combos, "heldout", seed)
+    prompts = [p for group in sets.values() for p in group]
+    out = pipeline(prompts, sampling, num_images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size)
+    rows = [p for p in prompts for _ in range(images_per_prompt)]  # prompt-major, as the pipeline
     images = out.images
     if images.shape[0] != len(rows):
         raise PartiError(f"the pipeline returned {images.shape[0]} images for {len(rows)} requested")
-    n_seen = len(seen) * images_per_prompt
-    results = score_attributes(images[:n_seen], rows[:n_seen])
-    results.update(_chance(rows))
-    if holdout:
-        results.update(score_attributes(images[n_seen:], rows[n_seen:], prefix="holdout_attribute_accuracy"))
+    results: dict[str, Any] = {}
+    start = 0
+    for prefix, group in sets.items():
+        end = start + len(group) * images_per_prompt
+        results.update(score_attributes(images[start:end], rows[start:end], prefix=prefix))
+        start = end
+    results.update(_chance(rows[:len(sets["attribute_accuracy"]) * images_per_prompt]))
     return results
 
 
@@ -358,12 +395,12 @@ def evaluate_generator(cfg: GeneratorEvalConfig, *, prompts: Sequence[str] | Non
     if cfg.holdout and not cfg.data.startswith("synthetic"):
         raise PartiError("--holdout scores held-out combinations of the synthetic faces; use --data synthetic")
     t0 = time.time()
+    grid = check_audit_grid(audit_grid_path(results_out(cfg, EVAL_NAME))) if cfg.audit else None  # before work
     # fp32 weights: validation loss and metrics must not depend on the device's sampling dtype.
     pipe = load_pipeline(cfg.checkpoint, device=default_device(cfg.device), text_encoder_path=cfg.text_encoder_path,
                          dtype="fp32")
     dev, size = pipe.device, pipe.tokenizer.config.image_size
-    source = open_source(cfg.data, split="val", image_size=size, seed=cfg.data_seed, image_column=cfg.image_column,
-                         caption_column=cfg.caption_column)
+    source = _held_out(cfg, size)
     errors: dict[str, str] = {}
     inc = _attempt(errors, "fid", lambda: _load_inception(inception or cfg.inception, allow_download=cfg.download,
                                                            device=dev))
@@ -383,6 +420,8 @@ def evaluate_generator(cfg: GeneratorEvalConfig, *, prompts: Sequence[str] | Non
         raise PartiError("no prompts to generate from; pass prompts or use data with captions")
     rows = [prompts[i % len(prompts)] for i in range(len(captions))]
     results.update(_generated_pass(pipe, rows, cfg, inc, clip_pair, real_feats, errors))
+    if grid is not None:
+        results.update(_audit(pipe, source, cfg, inc, grid, errors))
     if cfg.data.startswith("synthetic") and cfg.attribute_prompts > 0:
         results.update(attribute_accuracy(pipe, cfg.sampling, num_prompts=cfg.attribute_prompts, images_per_prompt=1,
                                           seed=cfg.seed, holdout=cfg.holdout, batch_size=cfg.batch_size,
@@ -394,6 +433,19 @@ def evaluate_generator(cfg: GeneratorEvalConfig, *, prompts: Sequence[str] | Non
                            "phrasing": cfg.phrasing, "prompts": prompt_source, "image_size": size, "device": str(dev),
                            "clip": "given" if isinstance(clip, tuple) else str(cfg.clip or DEFAULT_CLIP)}
     return results
+
+
+def _held_out(cfg: GeneratorEvalConfig, size: int):
+    """The held-out split: from the run's code cache (or --data given as a cache) when it keeps the images and
+    captions of this data (no download, no decoding), else from the data itself."""
+    inputs = cache_inputs(data=cfg.data, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                          seed=cfg.data_seed)
+    source = held_out_source((cfg.data, Path(cfg.checkpoint) / CACHE_DIR), data=cfg.data, inputs=inputs,
+                             image_size=size, num_images=cfg.num_images)
+    if source is not None:
+        return source
+    return open_source(cfg.data, split="val", image_size=size, seed=cfg.data_seed, image_column=cfg.image_column,
+                       caption_column=cfg.caption_column)
 
 
 def _held_out_pass(pipe, source, cfg: GeneratorEvalConfig, inc) -> tuple[list, list, float, int]:
@@ -433,11 +485,30 @@ def _generated_pass(pipe, rows: list[str], cfg: GeneratorEvalConfig, inc, clip_p
     return out
 
 
+def _audit(pipe, source, cfg: GeneratorEvalConfig, inc, grid: Path, errors: dict[str, str]) -> dict[str, Any]:
+    """The memorisation audit (`parti.audit`), its grid of closest pairs written to `grid`; {} when it cannot run."""
+    if inc is None:
+        errors["audit"] = "the memorisation audit compares FID Inception features; it needs them (see fid)"
+        return {}
+
+    def run() -> dict[str, Any]:
+        pool = training_pool(cfg.checkpoint, image_size=pipe.tokenizer.config.image_size, data_seed=cfg.data_seed)
+        found, pairs = memorisation_audit(pipe, source, pool, inc, num_images=cfg.audit_images,
+                                          train_limit=cfg.audit_train_limit, shortlist=cfg.audit_shortlist,
+                                          sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size)
+        found["audit.grid"] = write_audit_grid(pairs, grid).name  # beside the results JSON
+        return found
+
+    return _attempt(errors, "audit", run) or {}
+
+
 # ---- output ---------------------------------------------------------------------------------------------
 
 def _format_value(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, str):  # the audit's verdict and grid file
+        return value
     if isinstance(value, bool) or isinstance(value, int):
         return str(value)
     if "accuracy." in key and not key.endswith(".num_images"):

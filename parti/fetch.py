@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FFHQ_MIRROR = {"repo_id": "nuwandaa/ffhq128", "filename": "thumbnails128x128.zip", "bytes": 2_114_632_904}
 FFHQ_COUNT = 70_000
 MARKER = ".parti_complete"
+LICENCE_NAME = "LICENSE.txt"
+MAX_LICENCE_BYTES = 1 << 20
 # A thumbnail inside any wrapping folder: "thumbnails128x128/12000/12345.png" -> "12000/12345.png".
 _MEMBER = re.compile(r"(?:^|/)(\d{5}/\d{5}\.png)$")
 # A 128x128 thumbnail is ~30 KB and PNG barely compresses further: a member above either bound is not one.
@@ -68,13 +70,39 @@ def fetch_ffhq_thumbnails(dest: str | Path = "data/ffhq128", *, source: str | Pa
         return _copy_folder(Path(source).expanduser(), dest, progress=progress)
     if source is None:
         zip_path = _download_mirror(dest.parent, progress=progress)
+        licence = _mirror_licence()
     else:
         zip_path = Path(source).expanduser()
         if not zip_path.is_file():
             raise PartiError(f"{source} is neither a zip file nor a folder; give the thumbnails zip or folder")
+        licence = zip_path.with_name(LICENCE_NAME)  # kept beside the zip by keep_copy
     if keep_copy is not None:
         _keep_copy(zip_path, Path(keep_copy).expanduser() / zip_path.name)
-    return _extract(zip_path, dest, progress=progress)
+        if licence is not None and _is_licence(licence):
+            _keep_copy(licence, Path(keep_copy).expanduser() / LICENCE_NAME)
+    return _extract(zip_path, dest, progress=progress, licence=licence)
+
+
+def _is_licence(path: Path) -> bool:
+    """A regular file (the Hub cache's snapshot links followed) small enough to be a licence text."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= MAX_LICENCE_BYTES
+
+
+def _mirror_licence() -> Path | None:
+    """The mirror's LICENSE.txt (FFHQ's terms, 1.6 kB, beside the zip in the repo), downloaded once into the Hub
+    cache like the zip; None, with a warning, when it cannot be had: the thumbnails are still usable."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(FFHQ_MIRROR["repo_id"], LICENCE_NAME, repo_type="dataset"))
+    except Exception as e:  # noqa: BLE001 - offline and not cached, or the repo changed: say so, go on
+        log.warning("could not fetch the mirror's %s (%s); FFHQ's terms: CC BY-NC-SA 4.0, "
+                    "github.com/NVlabs/ffhq-dataset", LICENCE_NAME, type(e).__name__)
+        return None
 
 
 def _keep_copy(zip_path: Path, kept: Path) -> None:
@@ -126,8 +154,9 @@ def _download_mirror(parent: Path, *, progress: bool) -> Path:
         raise PartiError(f"downloading the FFHQ thumbnails failed ({e}); free disk space or try again") from None
 
 
-def _extract(zip_path: Path, dest: Path, *, progress: bool) -> Path:
-    """The zip's thumbnails (and LICENSE.txt) into `dest`, wherever the zip nests them."""
+def _extract(zip_path: Path, dest: Path, *, progress: bool, licence: Path | None = None) -> Path:
+    """The zip's thumbnails and LICENSE.txt into `dest`, wherever the zip nests them; a zip without a licence
+    gets `licence` (the mirror's, beside the zip in its repo) when that is a plain file."""
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -139,7 +168,7 @@ def _extract(zip_path: Path, dest: Path, *, progress: bool) -> Path:
             raise PartiError(f"{zip_path} holds no thumbnails in the NNNNN/NNNNN.png layout; is it FFHQ's "
                              f"thumbnails128x128?")
         _check_space(dest.parent, sum(info.file_size for info, _ in members), "extracting the thumbnails")
-        licence = [info for info in archive.infolist() if info.filename.endswith("LICENSE.txt")][:1]
+        extra, licence = licence, [info for info in archive.infolist() if info.filename.endswith(LICENCE_NAME)][:1]
         for info in [i for i, _ in members] + licence:
             _check_member(zip_path, info)  # all of them before a byte is inflated
         tmp = dest.with_name(f".{dest.name}.partial")
@@ -149,7 +178,9 @@ def _extract(zip_path: Path, dest: Path, *, progress: bool) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             _copy_member(zip_path, archive, info, target)
         if licence:
-            _copy_member(zip_path, archive, licence[0], tmp / "LICENSE.txt")
+            _copy_member(zip_path, archive, licence[0], tmp / LICENCE_NAME)
+        elif extra is not None and _is_licence(extra):
+            shutil.copyfile(extra, tmp / LICENCE_NAME)
     return _finish(tmp, dest, len(members))
 
 
@@ -198,8 +229,8 @@ def _copy_folder(source: Path, dest: Path, *, progress: bool) -> Path:
         target = tmp / _MEMBER.search(path.relative_to(source).as_posix()).group(1)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-    if (source / "LICENSE.txt").is_file():
-        shutil.copyfile(source / "LICENSE.txt", tmp / "LICENSE.txt")
+    if _is_licence(source / LICENCE_NAME):
+        shutil.copyfile(source / LICENCE_NAME, tmp / LICENCE_NAME)
     return _finish(tmp, dest, len(files))
 
 

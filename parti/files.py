@@ -104,6 +104,21 @@ def regular_file(path: str | Path, *, limit: int, what: str = "file") -> int:
     return st.st_size
 
 
+def not_plain_file(path: str | Path, *, limit: int) -> str | None:
+    """None when `path` is a regular file of its own (not a symlink: one in a run folder may point at a key or
+    a token) of at most `limit` bytes, else why not, for a log line. Copiers of pictures we publish or show
+    (`parti push`'s sample grid, `parti plot`'s latest grids) copy only such files."""
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(info.st_mode):
+        return "a symlink"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return f"larger than {limit:,} bytes" if info.st_size > limit else None
+
+
 def read_bytes(path: str | Path, *, limit: int, what: str = "file") -> bytes:
     """The bytes of a regular file of at most `limit` bytes (`regular_file`); one that grew past the bound
     since it was checked is refused too."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from parti.errors import PartiError, set_audience
 from parti.evaluate import GeneratorEvalConfig, TokenizerEvalConfig
 from parti.fetch import FFHQ_MIRROR, fetch_ffhq_thumbnails
 from parti.hub import dataset_snapshot
+from parti.loop import TENSORBOARD_DIR
 from parti.plots import sample_grid
 from parti.prompts import FFHQ_SAMPLE_PROMPTS, SYNTHETIC_SAMPLE_PROMPTS
 from parti.runs import run_progress
@@ -147,6 +149,8 @@ def configure(*, dataset: str = "auto", out: str = DEFAULT_OUT, use_drive: bool 
         out = str(drive / out)
     elif use_drive:
         logging.getLogger(__name__).info("use_drive is for Colab; writing run folders to %s", out)
+    if kind == "ffhq":  # one checkpoint a stage: the generator's training state is ~2.8 GB, and Drive's free 15 GB
+        common.setdefault("keep_checkpoints", 1)  # holds the zip, both runs and the code cache (docs/colab.md)
     for stage, cls in ((tok, TokenizerTrainConfig), (gen, GeneratorTrainConfig)):
         _fit_schedule(stage, common, cls)
     if common.get("mixed_precision", "auto") == "auto":
@@ -220,6 +224,26 @@ def show_logs(level: int = logging.INFO) -> None:
         handler._parti_notebook = True  # one handler however often the setup cell runs
         logger.addHandler(handler)
     logger.propagate = False  # a root handler (some hosts install one) would print every line twice
+
+
+def show_tensorboard(folder: str | Path) -> None:
+    """TensorBoard inline in this notebook (Colab or Jupyter) on `folder`: a run folder, or the folder of both
+    runs (OUT). What `%load_ext tensorboard` then `%tensorboard --logdir FOLDER` do; the runs write their
+    curves there with report_to="tensorboard" (RUN/tensorboard/), and it refreshes as they train."""
+    try:
+        from IPython import get_ipython  # only inside a notebook
+    except ImportError:
+        get_ipython = None  # noqa: N806
+    shell = get_ipython() if get_ipython is not None else None
+    if shell is None:
+        raise PartiError(f"show_tensorboard runs in a notebook; elsewhere run `tensorboard --logdir {folder}`")
+    if importlib.util.find_spec("tensorboard") is None:
+        raise PartiError("TensorBoard needs the tensorboard package: pip install tensorboard")
+    if not any(Path(folder).rglob(f"{TENSORBOARD_DIR}/*")):
+        logging.getLogger(__name__).warning("%s holds no TensorBoard logs yet: train with report_to=\"tensorboard\"",
+                                            folder)
+    shell.run_line_magic("load_ext", "tensorboard")
+    shell.run_line_magic("tensorboard", f"--logdir {shlex.quote(str(folder))}")
 
 
 def describe_environment() -> str:

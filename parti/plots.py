@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import re
 import shutil
@@ -24,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from parti.checkpoint import CONFIG_NAME, METRICS_NAME, SAMPLES_DIR, WEIGHTS_NAME, read_tensors
+from parti.checkpoint import CONFIG_NAME, MAX_GRID_BYTES, METRICS_NAME, SAMPLES_DIR, WEIGHTS_NAME, read_tensors
 from parti.errors import PartiError
-from parti.files import atomic_write, read_json
+from parti.files import atomic_write, not_plain_file, read_json
 from parti.metrics import usage_from_counts
 from parti.runs import check_output, read_metrics, save_image
 from parti.settings import check_settings, setting
+
+log = logging.getLogger(__name__)
 
 FILL = 255  # white padding between tiles
 FONT_SIZE = 14
@@ -410,6 +413,10 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
     samples = run_dir / SAMPLES_DIR
     if samples.is_dir():
         for name, png in _latest_grids(samples).items():
+            why = not_plain_file(png, limit=MAX_GRID_BYTES)  # a symlink there may point at a key, a token
+            if why is not None:
+                log.warning("not copying %s: %s", png, why)
+                continue
             target = out / f"latest_{name}.png"
             atomic_write(target, lambda tmp, src=png: shutil.copyfile(src, tmp))
             written.append(target)

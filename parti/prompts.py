@@ -19,14 +19,16 @@ FFHQ_SAMPLE_PROMPTS = (
 )
 
 
-# `parti demo`'s grid: six prompts, each naming hair colour and length, background and accessories.
+# `parti demo`'s grid: six prompts, each naming hair colour and background; every row leaves glasses or a hat
+# unnamed (none should be drawn), and rows 4-6 name an accessory first, a held-out phrasing no training caption
+# uses (parti.synthetic.is_heldout_phrasing).
 DEMO_PROMPTS = (
     "a smiling person with long red hair and glasses on a blue background",
     "a person with short black hair wearing a hat on a yellow background",
     "a neutral person with long blonde hair on a green background",
-    "a smiling person with short white hair on a purple background",
-    "a person with long blue hair and glasses on a gray background",
-    "a neutral person with short brown hair wearing a hat on a red background",
+    "a person in glasses with short white hair, smiling, on a purple background",
+    "wearing a hat, a person with long blue hair against a gray background",
+    "a neutral person in a hat with short brown hair on a red background",
 )
 
 

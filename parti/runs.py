@@ -14,7 +14,7 @@ command did not write, never where nothing can be written); `check_output_not_in
 folder) and `check_image_output` (pictures) are its callers here. A run folder is ours only when it is
 missing, empty, or already one of our runs of the same stage (`claim_run_folder`); `RunLock` keeps a second
 training out of a folder in use. `MetricsLogger` keeps one row a step when steps are run again.
-Nothing here imports transformers or datasets: their versions come from package metadata.
+Nothing here imports transformers or pyarrow: their versions come from package metadata.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from parti.files import atomic_write, check_writable, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "numpy", "parti")
+VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "pyarrow", "numpy", "parti")
 RUN_KIND = "parti_run"  # run.json's marker: a folder whose run.json lacks it is not ours to write
 LOCK_NAME = ".parti.lock"
 # The lock is a lease: its holder touches it every HEARTBEAT_S while it trains. One not touched for LEASE_S is
@@ -199,6 +199,21 @@ class RunFolder:
         last step). Stage 2 reads it to refuse a tokenizer whose training stopped early (`run_progress`)."""
         self.info["progress"] = {"step": step, "steps": steps, "finished": step >= steps, "time": _now()}
         write_json(self.path / RUN_JSON, self.info)
+
+    def record_best(self, best: dict[str, Any] | None) -> None:
+        """run.json's "best": the evaluation whose weights the export holds ({"step", "metric", "value"}), or
+        None while no evaluation has run (the export then holds the newest weights)."""
+        self.info["best"] = best
+        write_json(self.path / RUN_JSON, self.info)
+
+    def record_warning(self, warning: dict[str, Any]) -> None:
+        """Append to run.json's "warnings" (`parti.health.HealthWarning.record()`), with the time."""
+        self.info["warnings"] = [*self.info.get("warnings", []), {**warning, "time": _now()}]
+        write_json(self.path / RUN_JSON, self.info)
+
+    def warned(self) -> set[str]:
+        """The kinds of health warning this run gave already (before a resume too): each is given once."""
+        return {w.get("kind") for w in self.info.get("warnings", []) if isinstance(w, dict)}
 
     @property
     def metrics_path(self) -> Path:
@@ -561,8 +576,25 @@ def _check_image_output(path: Path) -> str:
                              f"(its {SAMPLES_DIR}/ folder is fine)")
     if p.exists() and not _is_image(p):
         raise PartiError(f"--out {path} exists and is not an image; parti only replaces image files")
+    if p.exists() and not _written_by_parti(p):
+        raise PartiError(f"--out {path} is an image parti did not write; parti replaces only its own pictures: "
+                         f"choose another --out, or move that one away first")
     check_output(p, slots=(SAMPLES_DIR,), replaces=lambda found: None)  # run folders, caches; writable now
     return fmt
+
+
+IMAGE_MARK = "parti"  # EXIF Software (0x0131) of every picture `save_image` writes: what it may replace later
+EXIF_SOFTWARE = 0x0131
+
+
+def _written_by_parti(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.getexif().get(EXIF_SOFTWARE) == IMAGE_MARK
+    except Exception:  # noqa: BLE001 - an unreadable image is not ours either
+        return False
 
 
 def _is_image(path: Path) -> bool:
@@ -579,11 +611,16 @@ def _is_image(path: Path) -> bool:
 
 
 def save_image(image: Any, path: str | Path) -> Path:
-    """Write PIL `image` atomically in the format `path`'s suffix names (checked by check_image_output)."""
+    """Write PIL `image` atomically in the format `path`'s suffix names (checked by check_image_output), marked
+    as ours (EXIF Software "parti") so that a later run may replace it and no one else's picture."""
+    from PIL import Image
+
     fmt = check_image_output(path)
     if fmt == "JPEG" and image.mode != "RGB":
         image = image.convert("RGB")  # JPEG holds no alpha
-    atomic_write(Path(path).expanduser(), lambda tmp: image.save(tmp, format=fmt))
+    exif = Image.Exif()
+    exif[EXIF_SOFTWARE] = IMAGE_MARK
+    atomic_write(Path(path).expanduser(), lambda tmp: image.save(tmp, format=fmt, exif=exif))
     return Path(path)
 
 

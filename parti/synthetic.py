@@ -181,70 +181,105 @@ def read_attributes(image: Image.Image | np.ndarray) -> dict:
 
 
 # ---- captions ----------------------------------------------------------------------------------
+# A caption is an optional subject ("portrait of a smiling person") and clauses naming attributes, in a
+# random order and with a random wording each. It always names the background and hair colours; a worn
+# accessory is always named, so an unnamed one means none (an absent one is sometimes negated); hair
+# length, skin and expression are named often. Held-out phrasings: an accessory named before both the hair
+# and the background ("a person in a hat with black hair on a red background"). No caption `make_caption`
+# writes is phrased so, and every one `heldout_caption` writes is (`is_heldout_phrasing` tells them apart).
 
-def _extras(attrs: dict) -> list[str]:
-    return [w for w, on in (("glasses", attrs["glasses"]), ("a hat", attrs["hat"])) if on]
+_ACCESSORY_WORD = re.compile(r"\b(?:glasses|hat|hatless)\b")
+_PREPOSITIONS = ("with", "on", "against", "in", "wearing", "without")
+_BACKGROUND = ("on a {} background", "against a {} background", "in front of a {} background", "{} background",
+               "{} backdrop")
+_ACCESSORY = {  # (attribute, worn): wordings; the bare first one is what a joint clause uses
+    ("glasses", True): ("glasses", "wearing glasses", "with glasses", "in glasses"),
+    ("glasses", False): ("no glasses", "without glasses"),
+    ("hat", True): ("a hat", "wearing a hat", "with a hat", "in a hat"),
+    ("hat", False): ("no hat", "without a hat", "hatless"),
+}
+_EXPRESSION = {"smiling": ("smiling", "with a smile"), "neutral": ("neutral", "neutral-looking", "not smiling")}
+_SUBJECTS = ("a {}person", "a {}face", "portrait of a {}person", "cartoon of a {}person", "close-up of a {}face")
 
 
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+def _accessory_clauses(a: dict, rng: random.Random, *, force: bool) -> list[str]:
+    """Worn accessories always, absent ones half the time (force: at least one clause)."""
+    named = [name for name in ("glasses", "hat") if a[name] or rng.random() < 0.5]
+    if force and not named:
+        named = [rng.choice(("glasses", "hat"))]
+    if len(named) == 2 and rng.random() < 0.3:  # one clause for both: "wearing glasses and a hat"
+        order = sorted(rng.sample(named, 2), key=lambda n: not a[n])  # "glasses and no hat", not the reverse
+        bare = [_ACCESSORY[n, a[n]][0] for n in order]
+        verb = rng.choice(("", "with ", "wearing ", "in ")) if a["glasses"] and a["hat"] else ""
+        return [f"{verb}{bare[0]} and {bare[1]}"]
+    return [rng.choice(_ACCESSORY[n, a[n]]) for n in named]
+
+
+def _clauses(a: dict, rng: random.Random, *, force_accessory: bool) -> tuple[str, list[str], list[str]]:
+    """(subject adjectives, [hair clause, background clause], accessory clauses + other clauses)."""
+    hair = f"{a['hair_length']} {a['hair_color']} hair" if rng.random() < 0.7 else f"{a['hair_color']} hair"
+    anchors = [rng.choice(("with ", "")) + hair, rng.choice(_BACKGROUND).format(a["background_color"])]
+    adjectives, others = [], []
+    if rng.random() < 0.7:  # expression: an adjective of the subject or a clause
+        if rng.random() < 0.5:
+            adjectives.append("smiling" if a["expression"] == "smiling" else rng.choice(("neutral", "neutral-looking")))
+        else:
+            others.append(rng.choice(_EXPRESSION[a["expression"]]))
+    if rng.random() < 0.6:
+        if rng.random() < 0.4:
+            adjectives.append(f"{a['skin_tone']}-skinned")
+        else:
+            others.append(rng.choice(("{} skin", "with {} skin")).format(a["skin_tone"]))
+    return " ".join(adjectives), anchors, _accessory_clauses(a, rng, force=force_accessory) + others
+
+
+def _assemble(adjectives: str, clauses: list[str], rng: random.Random) -> str:
+    """Subject (unless a tag list) and clauses: before a preposition often a space, else a comma."""
+    if not adjectives and rng.random() < 0.25:  # tag list: "blue background, short red hair, glasses"
+        return ", ".join(c.removeprefix("with ") for c in clauses)
+    text = rng.choice(_SUBJECTS).format(adjectives + " " if adjectives else "")
+    for i, clause in enumerate(clauses):
+        last = i == len(clauses) - 1 and i > 0
+        if clause.split()[0] in _PREPOSITIONS and rng.random() < 0.6:
+            text += " " + clause
+        else:
+            text += (" and " if last and rng.random() < 0.4 else ", ") + clause
+    return text
+
+
+def make_caption(attrs: dict, rng: random.Random) -> str:
+    """A training caption: many wordings and word orders, never a held-out phrasing (see above)."""
+    _check_attributes(attrs)
+    adjectives, anchors, rest = _clauses(attrs, rng, force_accessory=False)
+    clauses = anchors + rest
+    rng.shuffle(clauses)
+    first_anchor = min(i for i, c in enumerate(clauses) if c in anchors)
+    first_accessory = next((i for i, c in enumerate(clauses) if _ACCESSORY_WORD.search(c)), len(clauses))
+    if first_accessory < first_anchor:  # a held-out phrasing: swap the two
+        clauses[first_accessory], clauses[first_anchor] = clauses[first_anchor], clauses[first_accessory]
+    return _assemble(adjectives, clauses, rng)
+
+
+def heldout_caption(attrs: dict, rng: random.Random) -> str:
+    """A caption in a held-out phrasing: an accessory clause before the hair and background (evaluation)."""
+    _check_attributes(attrs)
+    adjectives, anchors, rest = _clauses(attrs, rng, force_accessory=True)
+    first = rng.choice([c for c in rest if _ACCESSORY_WORD.search(c)])
+    others = [c for c in anchors + rest if c != first]
+    rng.shuffle(others)
+    return _assemble(adjectives, [first] + others, rng)
+
+
+def is_heldout_phrasing(text: str) -> bool:
+    """Whether `text` names glasses or a hat before both its hair colour and its background colour."""
+    text = text.lower()
+    accessory, hair, background = _ACCESSORY_WORD.search(text), _HAIR.search(text), _BG.search(text)
+    ends = [m.start() for m in (hair, background) if m]
+    return accessory is not None and bool(ends) and accessory.start() < min(ends)
 
 
 def _looking(attrs: dict) -> str:
     return "smiling" if attrs["expression"] == "smiling" else "neutral-looking"
-
-
-def _t_with(a: dict) -> str:
-    hair = f"{a['hair_length']} {a['hair_color']} hair"
-    return f"a {_looking(a)} person with {_join([hair] + _extras(a))} on a {a['background_color']} background"
-
-
-def _t_portrait(a: dict) -> str:
-    wearing = f" wearing {_join(_extras(a))}" if _extras(a) else ""
-    return (f"portrait of someone with {a['hair_length']} {a['hair_color']} hair{wearing}, "
-            f"{a['background_color']} background")
-
-
-def _accessories(a: dict) -> list[str]:
-    """Both accessories, worn or not: captions that say what is absent teach the text encoder negation."""
-    return ["glasses" if a["glasses"] else "no glasses", "a hat" if a["hat"] else "no hat"]
-
-
-def _t_tags(a: dict) -> str:
-    parts = [f"{a['background_color']} background", f"{a['hair_length']} {a['hair_color']} hair",
-             f"{a['skin_tone']} skin", a["expression"]] + [e.removeprefix("a ") for e in _accessories(a)]
-    return ", ".join(parts)
-
-
-def _t_closeup(a: dict) -> str:
-    glasses = "glasses" if a["glasses"] else "no glasses"
-    hat = "a hat" if a["hat"] else "no hat"
-    return (f"close-up of a {a['expression']} face, {a['hair_length']} {a['hair_color']} hair, "
-            f"{a['skin_tone']} skin, {glasses}, {hat}, {a['background_color']} backdrop")
-
-
-def _t_minimal(a: dict) -> str:
-    return f"a person with {a['hair_color']} hair against a {a['background_color']} background"
-
-
-def _t_cartoon(a: dict) -> str:
-    return (f"cartoon of a {_looking(a)} {a['skin_tone']}-skinned person with {a['hair_length']} "
-            f"{a['hair_color']} hair, {_join(_accessories(a))} in front of a {a['background_color']} background")
-
-
-def _t_background_first(a: dict) -> str:
-    extras = f", wearing {_join(_extras(a))}" if _extras(a) else ""
-    return (f"on a {a['background_color']} background, a {a['skin_tone']}-skinned face with "
-            f"{a['hair_color']} hair{extras}")
-
-
-_TEMPLATES = (_t_with, _t_portrait, _t_tags, _t_closeup, _t_minimal, _t_cartoon, _t_background_first)
-
-
-def make_caption(attrs: dict, rng: random.Random) -> str:
-    """A caption in one of several phrasings; each names the background and hair colours."""
-    _check_attributes(attrs)
-    return rng.choice(_TEMPLATES)(attrs)
 
 
 def describe(attrs: dict) -> str:

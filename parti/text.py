@@ -171,6 +171,15 @@ class FrozenT5:
                 "max_length": self.max_length, "dtype": dtype}
 
 
+def _dtype_argument(dtype: Any) -> dict[str, Any]:
+    """from_pretrained's precision argument: `dtype` from transformers 4.56 on, `torch_dtype` before (Colab's
+    2025.07 runtime has 4.53, which refuses `dtype` with a TypeError)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def _t5_fingerprint(model: nn.Module, tokenizer: Any) -> str:
     """Hash of architecture, vocabulary and a strided sample (<= 4096 values) of every weight tensor.
 
@@ -224,7 +233,8 @@ def load_t5(name_or_path: str = "google-t5/t5-large", *, max_length: int = MAX_T
         if config.model_type != "t5":
             raise PartiError(f"{name_or_path} holds a {config.model_type!r} model, not T5; pass a T5 checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        model = T5EncoderModel.from_pretrained(name, local_files_only=local_only, use_safetensors=True, dtype=dtype)
+        model = T5EncoderModel.from_pretrained(name, local_files_only=local_only, use_safetensors=True,
+                                               **_dtype_argument(dtype))
     except PartiError:
         raise
     except (OSError, ValueError, ImportError, RuntimeError) as e:

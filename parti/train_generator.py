@@ -155,7 +155,8 @@ def _open_cache(cfg: GeneratorTrainConfig, acc, tokenizer, frozen_t5) -> tuple[C
         on_main(acc, lambda: encode_dataset(
             data=cfg.data, tokenizer=cfg.tokenizer, tokenizer_model=tokenizer, require_captions=True,
             out=cache_dir, text_encoder=frozen_t5, device=acc.device,
-            synthetic_length=cfg.synthetic_length, seed=cfg.seed, holdout=cfg.holdout, num_workers=cfg.num_workers,
+            synthetic_length=cfg.synthetic_length, seed=cfg.seed, holdout=cfg.holdout,
+            num_workers=cfg.num_workers or None,  # 0, the cache loader's default, lets the encode decode in workers
             image_column=cfg.image_column, caption_column=cfg.caption_column, progress=cfg.progress))
     acc.wait_for_everyone()
     sets = CodeCache(cache_dir, "train"), CodeCache(cache_dir, "val")
@@ -203,6 +204,7 @@ class GeneratorStage(Stage):
 
     name = "generator"
     inputs = (*Stage.inputs, "text_preset", "text_tokenizer", "vocab_size", "phrase_pieces")
+    val_metric = "val_loss"  # of the EMA weights when on: the export holds the best by it
 
     @classmethod
     def reads(cls, cfg) -> tuple[str, ...]:
@@ -289,18 +291,29 @@ class GeneratorStage(Stage):
     def postfix(self, row) -> dict[str, str]:
         return {"loss": f"{row['loss']:.4f}"}
 
+    def _exported_generator(self) -> Generator:
+        """The generator `export` writes now: a copy holding the EMA weights when on, else the one trained."""
+        if self.ema is None:
+            return self.generator
+        generator = copy.deepcopy(self.generator)  # not build_generator: no fresh init, no RNG draws
+        generator.load_state_dict(self.ema.shadow)
+        return generator
+
     def evaluate(self, step: int) -> dict[str, float]:
+        """Validation loss and the sample grid of the weights the export would hold (EMA when on)."""
         cfg, acc, val_set = self.cfg, self.acc, self.val_set
+        generator = self._exported_generator()
+        objective = self.objective if generator is self.generator else Objective(generator, self.trainable)
         losses = []
         for b in range(min(cfg.val_batches, max(1, len(val_set) // cfg.batch_size))):
             batch = collate_codes([val_set[i] for i in range(b * cfg.batch_size,
                                                               min(len(val_set), (b + 1) * cfg.batch_size))])
             ids, mask = _text_inputs(batch, self.trainable, acc.device)
             with acc.autocast():
-                losses.append(float(self.objective(batch["codes"].to(acc.device), ids, mask, None)))
+                losses.append(float(objective(batch["codes"].to(acc.device), ids, mask, None)))
         if acc.is_main_process:
             prompts = list(sample_prompts(cfg.data))
-            pipe = Pipeline(tokenizer=self.tokenizer, generator=self.generator, text_encoder=self.encoder,
+            pipe = Pipeline(tokenizer=self.tokenizer, generator=generator, text_encoder=self.encoder,
                             device=acc.device)
             result = pipe(prompts, SamplingParams(guidance_scale=cfg.guidance_scale), num_images_per_prompt=4, seed=0)
             sample_grid(result.images.float().cpu(), prompts, images_per_prompt=4,
@@ -325,19 +338,37 @@ class GeneratorStage(Stage):
     def in_sync(self) -> bool:
         return replicas_agree(self.acc, self.objective)
 
-    def export(self) -> None:
-        """Top level of the run: the generator (EMA weights when on), its tokenizer and text encoder."""
-        out, generator = Path(self.cfg.out), self.generator
-        if self.ema is not None:
-            generator = copy.deepcopy(self.generator)  # not build_generator: no fresh init, no RNG draws
-            generator.load_state_dict(self.ema.shadow)
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        weights = {f"generator.{k}": v for k, v in (self.ema.shadow if self.ema is not None
+                                                   else self.generator.state_dict()).items()}
+        if self.trainable is not None:
+            weights.update({f"text_encoder.{k}": v for k, v in self.trainable.state_dict().items()})
+        return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+
+    def export(self, weights=None, best=None) -> None:
+        """Top level of the run: the generator (EMA weights when on), its tokenizer and text encoder; `weights`
+        (from `export_weights`: the best evaluation's) instead of the current ones, `best` in config.json."""
+        out, encoder = Path(self.cfg.out), self.trainable
+        record = {**self.export_record, **({"best": best} if best is not None else {})}
+        if weights is None:
+            generator = self._exported_generator()
+        else:  # copies: the weights trained go on unchanged
+
+            def part(prefix: str) -> dict[str, torch.Tensor]:
+                return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+            generator = copy.deepcopy(self.generator)
+            generator.load_state_dict(part("generator."))
+            if encoder is not None:
+                encoder = copy.deepcopy(self.trainable)
+                encoder.load_state_dict(part("text_encoder."))
         with atomic_export(out) as stage:  # generator, tokenizer and text encoder appear together or not at all
-            if self.trainable is not None:
-                text_mod.save_text_encoder(self.trainable, stage / TEXT_ENCODER_DIR)
-                self.export_record["text_encoder"] = self.trainable.identity()
+            if encoder is not None:
+                text_mod.save_text_encoder(encoder, stage / TEXT_ENCODER_DIR)
+                record["text_encoder"] = encoder.identity()
             if not (out / TOKENIZER_DIR / CONFIG_NAME).exists():
                 save_tokenizer(self.tokenizer, stage / TOKENIZER_DIR)
-            save_generator(generator, stage, extra=self.export_record)
+            save_generator(generator, stage, extra=record)
 
     def trained_modules(self):
         return [self.objective]

@@ -11,6 +11,7 @@ checkpoints/ (resumable training state) sit beside it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from parti import data as data_mod
-from parti.checkpoint import SAMPLES_DIR, atomic_export, grid_name
+from parti.checkpoint import SAMPLES_DIR, atomic_export, grid_name, save_model
 from parti.distributed import average_gradients, global_codebook_stats, reduce_logs, replicas_agree, total_over_ranks
 from parti.errors import PartiError
 from parti.loop import Stage, TrainConfig, fit
@@ -82,6 +83,9 @@ class TokenizerStage(Stage):
 
     name = "tokenizer"
     may_skip_batches = True  # image data: a batch whose every image is unreadable arrives as None
+    # The export holds the best weights by validation L1 (the reconstruction error of held-out images), and
+    # overfitting compares it with the training L1. Once the GAN is on, later evaluations compete apart.
+    val_metric, train_metric = "val_l1", "l1"
 
     def __init__(self, cfg: TokenizerTrainConfig, acc, state):
         self.cfg, self.acc = cfg, acc
@@ -101,6 +105,7 @@ class TokenizerStage(Stage):
         self.guards = [self.guard, self.guard_d]
         self.grad_norm = torch.tensor(float("nan"))
         self.raw: VQTokenizer = self.model
+        self.gan_start = cfg.disc_start if self.disc is not None else None
 
     def restore(self, tensors, meta) -> None:
         load_module(self.model, tensors, "model", what="tokenizer weights")  # codebook usage buffers included
@@ -186,9 +191,19 @@ class TokenizerStage(Stage):
     def in_sync(self) -> bool:
         return replicas_agree(self.acc, self.raw) and (self.disc is None or replicas_agree(self.acc, self.disc))
 
-    def export(self) -> None:
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.raw.state_dict().items()}
+
+    def export(self, weights=None, best=None) -> None:
+        """The tokenizer at the run's top: `weights` (the best evaluation's, `best` in config.json) or the
+        current ones."""
         with atomic_export(self.cfg.out) as stage:  # appears complete or not at all
-            save_tokenizer(self.raw, stage)
+            if weights is None:
+                save_tokenizer(self.raw, stage)
+            else:
+                model = copy.deepcopy(self.raw)  # a copy: the weights trained go on unchanged
+                model.load_state_dict(weights)
+                save_model(stage, "tokenizer", model.config, model, extra={"best": best})
 
     def trained_modules(self):
         return [self.raw, self.disc]

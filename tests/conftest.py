@@ -51,3 +51,16 @@ def tiny_folders(tmp_path_factory):
     save_generator(build_generator("tiny", text_dim=encoder.dim), root / "gen",
                    extra={"tokenizer_fingerprint": tok.fingerprint(), "text_encoder": encoder.identity()})
     return root
+
+
+def tiny_code_cache(root, *, train_faces: int) -> dict:
+    """An untrained tiny tokenizer (seed 0) in ROOT/tok and a code cache of `train_faces` train and 24 val
+    synthetic faces in ROOT/cache: the data and tokenizer options of a tiny generator run."""
+    from parti.cache import encode_dataset
+    from parti.tokenizer import build_tokenizer, save_tokenizer
+
+    torch.manual_seed(0)
+    save_tokenizer(build_tokenizer("tiny"), root / "tok")
+    encode_dataset(data="synthetic", tokenizer=root / "tok", out=root / "cache", synthetic_length=train_faces,
+                   max_items=24, batch_size=24, device="cpu", progress=False)
+    return {"data": str(root / "cache"), "tokenizer": str(root / "tok")}

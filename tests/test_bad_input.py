@@ -941,9 +941,55 @@ def push_card_of_local_data(c: Ctx) -> None:
     gen = c.copy("gen")
     config = json.loads((gen / "config.json").read_text())
     config["data"] = "/home/someone/private/ffhq-128"
+    config["text_encoder_source"] = "/home/someone/models/t5-small/"
     (gen / "config.json").write_text(json.dumps(config))
-    card = (prepare_upload(gen, c.tmp / "up") / "README.md").read_text()
+    folder = prepare_upload(gen, c.tmp / "up")
+    card = (folder / "README.md").read_text()
     assert "/home/someone" not in card and "ffhq-128" in card and "FFHQ" in card
+    assert not any(b"/home/someone" in data for data in files_of(folder).values())  # config.json neither
+    published = json.loads((folder / "config.json").read_text())
+    assert published["data"] == "./ffhq-128" and published["text_encoder_source"] == "./t5-small"
+    assert {k: v for k, v in published.items() if k not in ("data", "text_encoder_source")} == \
+        {k: v for k, v in config.items() if k not in ("data", "text_encoder_source")}
+
+
+def image_out_over_our_own_picture(c: Ctx) -> None:
+    from PIL import Image
+
+    from parti.runs import save_image
+
+    for suffix in (".png", ".jpg", ".webp"):
+        grid = c.tmp / f"grid{suffix}"
+        save_image(Image.new("RGB", (8, 8), (0, 0, 0)), grid)
+        save_image(Image.new("RGB", (8, 8), (255, 255, 255)), grid)  # a rerun replaces its own picture
+        with Image.open(grid) as img:
+            assert img.convert("RGB").getpixel((4, 4))[0] > 200
+
+
+def plot_copies_no_symlinked_grid(c: Ctx) -> None:
+    from parti.plots import plot_run
+
+    run = c.copy("gen")
+    (run / "metrics.jsonl").write_text('{"step": 1, "time": 0, "loss": 1.0}\n')
+    (c.tmp / "id_ed25519").write_text("PRIVATE KEY")
+    (run / "samples").mkdir()
+    (run / "samples" / "step_0000010.png").symlink_to(c.tmp / "id_ed25519")
+    written = plot_run(run)
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in written) and written  # the curves, not the key
+
+
+def image_out_over_a_foreign_picture(c: Ctx) -> None:
+    from PIL import Image
+
+    from parti.runs import save_image
+
+    photo = c.tmp / "holiday.jpg"
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(photo)
+    before = photo.read_bytes()
+    try:
+        save_image(Image.new("RGB", (8, 8)), photo)
+    finally:
+        assert photo.read_bytes() == before  # refused, untouched
 
 
 def push_failing(error):
@@ -1256,6 +1302,9 @@ CASES = [
     pytest.param(resume_without_checkpoint, None, id="resume-without-a-checkpoint-says-so-and-keeps-one-history"),
     pytest.param(push_sample_links_to_a_secret, None, id="push-sample-grid-symlink-not-published"),
     pytest.param(push_card_of_local_data, None, id="push-card-names-no-machine-path"),
+    pytest.param(plot_copies_no_symlinked_grid, None, id="plot-copies-no-symlinked-grid"),
+    pytest.param(image_out_over_a_foreign_picture, "parti did not write", id="image-out-over-a-foreign-picture"),
+    pytest.param(image_out_over_our_own_picture, None, id="image-out-over-our-own-picture"),
     pytest.param(push_failing(unreachable), "could not reach the Hub", id="push-hub-unreachable"),
     pytest.param(push_failing(not_logged_in), "hf auth login", id="push-not-logged-in"),
     pytest.param(push_failing(offline), "offline", id="push-offline"),

@@ -310,9 +310,10 @@ def test_every_colab_runtime_meets_the_floors_so_installing_replaces_nothing(run
                            re.M))
     pins = {name.lower().replace("_", "-"): Version(v) for name, v in pins.items()}
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    needs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["app"]]
+    needs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["app"]
+             + project["optional-dependencies"]["test"]]
     checked = [r.name for r in needs if r.name.lower().replace("_", "-") in pins]
-    assert {"transformers", "datasets", "huggingface_hub", "accelerate", "gradio"} <= set(checked)
+    assert {"transformers", "datasets", "huggingface_hub", "accelerate", "gradio", "pyarrow"} <= set(checked)
     for req in needs:
         pin = pins.get(req.name.lower().replace("_", "-"))
         assert pin is None or req.specifier.contains(pin), f"Colab {runtime} has {req.name} {pin}: {req}"

@@ -27,16 +27,13 @@ S = 16
 
 @pytest.fixture(autouse=True)
 def offline_hub(tmp_path, monkeypatch):
-    """No network and a private, empty cache for datasets' builders."""
-    import datasets.config
+    """No network and a private, empty Hugging Face home (tables are read in place: nothing goes there)."""
     import huggingface_hub.constants as hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_home" / "datasets")
 
 
 def rgb(w: int, h: int, color: tuple[int, int, int]) -> Image.Image:
@@ -210,6 +207,74 @@ def test_imagefolder_with_metadata(tmp_path):
     assert len(source) == 24 and source.has_captions
     captions = {source[i]["caption"] for i in range(len(source))}
     assert len(captions) == 24 and all(c.startswith("caption ") for c in captions)
+
+
+def save(img: Image.Image, path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def write_metadata(path, records: list[dict]) -> None:
+    """An imagefolder metadata file in the format its suffix names (csv, jsonl or parquet)."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".csv":
+        pyarrow.csv.write_csv(pa.Table.from_pylist(records), path)
+    else:
+        pyarrow.parquet.write_table(pa.Table.from_pylist(records), path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
+def test_imagefolder_metadata_formats(tmp_path, kind):
+    """As datasets' imagefolder defines it: rows are the metadata's, `file_name` is relative to the metadata
+    file's folder, images it does not name are no rows, other columns are features (here the caption)."""
+    root = tmp_path / "imf"
+    records = []
+    for i in range(22):
+        save(rgb(12, 12, (i * 10, 0, 0)), root / "img" / f"{i}.png")
+        records.append({"file_name": f"img/{i}.png", "caption": f"caption {i}", "score": i})
+    save(rgb(12, 12, (0, 0, 0)), root / "img" / "unlisted.png")
+    write_metadata(root / f"metadata.{kind}", records)
+    train = open_source(str(root), image_size=S)
+    val = open_source(str(root), split="val", image_size=S)
+    assert (len(train), len(val)) == (21, 1) and val[0]["caption"] == "caption 19"
+    assert [train[i]["caption"] for i in range(3)] == ["caption 0", "caption 1", "caption 2"]
+    assert train[2]["image"][0].mean() > train[1]["image"][0].mean()  # row 2's own, redder picture
+    with pytest.raises(PartiError, match="holds int64 values"):
+        open_source(str(root), caption_column="score", image_size=S)
+
+
+def test_imagefolder_split_folders_and_named_image_columns(tmp_path):
+    root = tmp_path / "imf"
+    for split, n in (("train", 12), ("test", 5)):
+        for i in range(n):
+            save(rgb(12, 12, (i, 50, 0)), root / split / f"{i}.png")
+        write_metadata(root / split / "metadata.jsonl",
+                       [{"photo_file_name": f"{i}.png", "text": f"{split} {i}"} for i in range(n)])
+    train = open_source(str(root), image_size=S)
+    val = open_source(str(root), split="val", image_size=S)
+    assert (len(train), len(val)) == (12, 5) and train.image_column == "photo" and val[4]["caption"] == "test 4"
+
+
+def test_imagefolder_metadata_errors(tmp_path):
+    root = tmp_path / "imf"
+    save(rgb(12, 12, (1, 2, 3)), root / "in" / "0.png")
+    rgb(12, 12, (1, 2, 3)).save(tmp_path / "secret.png")
+    write_metadata(root / "metadata.jsonl", [{"file_name": "../secret.png", "text": "x"}] * 20)
+    with pytest.raises(PartiError, match="outside the dataset's folder"):
+        open_source(str(root), image_size=S)
+    write_metadata(root / "metadata.jsonl", [{"image_path": "in/0.png", "text": "x"}] * 20)
+    with pytest.raises(PartiError, match="has no file_name column"):
+        open_source(str(root), image_size=S)
+    (root / "metadata.jsonl").write_text('{"file_name": "in/0.png"}\n{not json\n')
+    with pytest.raises(PartiError, match="could not read .*metadata.jsonl") as err:
+        open_source(str(root), image_size=S)
+    assert "\n" not in str(err.value)
 
 
 def test_synthetic_source():

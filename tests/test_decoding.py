@@ -60,14 +60,18 @@ def test_fp32_decoding_gives_the_naive_codes(request, packed, params, scale):
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("packed", [True, False])
 def test_bf16_decoding_follows_the_naive_codes(request, packed, params, scale):
-    """bf16 rounds each product once more or less depending on the kernel (rows per GEMM, packing), so
-    codes may flip where two logits are within a bf16 step; they must still mostly agree."""
+    """bf16 rounds each product once more or less depending on the kernel (rows per GEMM, packing, and the ISA:
+    without native bf16, as on AVX2, oneDNN accumulates differently), so a code may flip where two logits are
+    within a bf16 step, and every later code of that row then follows another prefix. So: each row agrees on
+    its first tokens, and most codes agree (a wrong cache or mask would differ from the first token on)."""
     if not packed:
         request.getfixturevalue("no_packing")
     model = tiny(torch.bfloat16)
     ctx, mask = condition(model)
     fast = sample(generate, model, ctx, mask, params, scale)
-    assert (fast == sample(generate_naive, model, ctx, mask, params, scale)).float().mean() > 0.9
+    same = fast == sample(generate_naive, model, ctx, mask, params, scale)
+    first_flip = torch.where(same.all(1), same.shape[1], (~same).float().argmax(1))
+    assert first_flip.min() >= 4 and same.float().mean() > 0.6, (first_flip, same.float().mean())
     assert torch.equal(fast, sample(generate, model, ctx, mask, params, scale))  # and it is deterministic
 
 

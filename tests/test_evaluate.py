@@ -78,7 +78,7 @@ def test_holdout_prompts_use_held_out_combinations_and_seen_prompts_avoid_them()
     # What the pipeline is asked for is what the prompts say: parse the prompts it received.
     pipe = RenderingPipeline()
     attribute_accuracy(pipe, num_prompts=6, seed=0, holdout=True)
-    asked = [synthetic.parse_prompt(p) for p in pipe.calls[0][6:]]
+    asked = [synthetic.parse_prompt(p) for p in pipe.calls[0][6:12]]  # then 6 in held-out phrasings
     assert {(a["hair_color"], a["background_color"]) for a in asked} == set(synthetic.HOLDOUT_COMBINATIONS)
 
 

@@ -37,11 +37,12 @@ def _png(size: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def thumbnails_zip(n: int = 40) -> bytes:
+def thumbnails_zip(n: int = 40, *, licence: bool = True) -> bytes:
     """NVlabs' layout inside one zip, as the mirror stores it."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("thumbnails128x128/LICENSE.txt", "Creative Commons BY-NC-SA 4.0 (test copy)")
+        if licence:
+            z.writestr("thumbnails128x128/LICENSE.txt", "Creative Commons BY-NC-SA 4.0 (test copy)")
         for i in range(n):
             z.writestr(f"thumbnails128x128/{i // 1000 * 1000:05d}/{i:05d}.png", _png(128, i))
     return buf.getvalue()
@@ -161,6 +162,11 @@ def test_auto_picks_ffhq_only_on_a_gpu_with_the_hub_reachable(monkeypatch):
     run = notebook.configure(mixed_precision="no")  # "auto" would ask the (mocked) GPU
     assert run.dataset == "ffhq" and run.generator.text_encoder == "t5-large"  # was: synthetic + trainable
     assert run.generator.data == f"hf:{CAPTIONED}" and run.tokenizer.data.endswith("ffhq128")
+    # Drive's free 15 GB: one checkpoint a stage on the real job (the generator's state alone is ~2.8 GB) ...
+    assert (run.tokenizer.keep_checkpoints, run.generator.keep_checkpoints) == (1, 1)
+    kept = notebook.configure(mixed_precision="no", keep_checkpoints=3)  # ... unless the user asks for more
+    assert (kept.tokenizer.keep_checkpoints, kept.generator.keep_checkpoints) == (3, 3)
+    assert notebook.configure(dataset="synthetic", mixed_precision="no").generator.keep_checkpoints == 2
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert notebook.configure(mixed_precision="no").dataset == "synthetic"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -183,6 +189,24 @@ def test_fetch_extracts_the_mirror_zip_once_and_keeps_a_copy(offline_cache, tmp_
     from parti.data import open_source
 
     assert len(open_source(str(folder), image_size=32)) == 36  # 40 thumbnails: the last 10% held out
+
+
+def test_fetch_brings_the_mirrors_licence_when_the_zip_has_none(tmp_path, monkeypatch):
+    """The mirror keeps LICENSE.txt beside the zip, not in it: the thumbnails folder and the Drive copy get it."""
+    from huggingface_hub import constants
+
+    from parti.fetch import fetch_ffhq_thumbnails
+
+    add_to_cache(tmp_path / "hub", "nuwandaa/ffhq128", {"thumbnails128x128.zip": thumbnails_zip(licence=False),
+                                                        "LICENSE.txt": b"FFHQ: CC BY-NC-SA 4.0"}, repo_type="dataset")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = fetch_ffhq_thumbnails(tmp_path / "ffhq128", keep_copy=tmp_path / "drive", progress=False)
+    assert (folder / "LICENSE.txt").read_bytes() == b"FFHQ: CC BY-NC-SA 4.0"
+    assert (tmp_path / "drive" / "LICENSE.txt").read_bytes() == b"FFHQ: CC BY-NC-SA 4.0"
+    again = fetch_ffhq_thumbnails(tmp_path / "next_runtime", source=tmp_path / "drive" / "thumbnails128x128.zip",
+                                  progress=False)  # a new runtime: from the Drive copy, licence and all
+    assert (again / "LICENSE.txt").read_bytes() == b"FFHQ: CC BY-NC-SA 4.0"
 
 
 def test_fetch_says_when_the_zip_comes_from_the_cache(offline_cache, tmp_path, caplog):

@@ -249,6 +249,18 @@ def test_model_card_of_an_ffhq_run_is_non_commercial(run_folder, tmp_path):
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "cc-by-nc-sa-4.0"
     assert "FFHQ" in card and "non-commercial" in card and "## Samples" not in card
     assert "No evaluation was run" in card and "<user>/<name>" in card
+    assert "dataset card states no licence" not in card  # a local copy: no claim about a Hub card
+
+
+def test_model_card_of_the_captioned_set_says_its_card_names_no_licence(run_folder, tmp_path):
+    from parti.push import prepare_upload
+
+    config = json.loads((run_folder / "config.json").read_text())
+    config["data"] = "hf:cr7Por/ffhq_controlnet_5_2_23"
+    (run_folder / "config.json").write_text(json.dumps(config))
+    card = (prepare_upload(run_folder, tmp_path / "up") / "README.md").read_text()
+    assert "cc-by-nc-sa-4.0" in card and "CC BY-NC-SA 4.0" in card  # the images: FFHQ's terms
+    assert "`cr7Por/ffhq_controlnet_5_2_23`, whose dataset card states no licence" in card  # the captions: none
 
 
 def test_push_to_hub_uploads_the_prepared_folder_once(run_folder, monkeypatch):

@@ -16,12 +16,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "parti"
 # Lowest first. A module may import modules of its own rung or of lower rungs, never higher ones.
 LADDER: list[tuple[str, ...]] = [
     ("errors",),  # the one error type every message goes through
-    ("settings", "files", "device", "layers", "prompts", "synthetic", "optim", "fetch"),  # no model knowledge
+    ("settings", "files", "device", "layers", "prompts", "synthetic", "optim", "fetch", "health"),  # no model knowledge
     ("validate", "checkpoint", "hub", "metrics"),  # the folder format, Hub lookups, metric maths
     ("tokenizer", "generator", "text", "losses", "inception"),  # the models
     ("data", "batches", "decoding", "quantize", "state", "distributed", "runs"),  # data, the eager step, int8
     ("cache", "compiled", "sampling", "speculative", "plots"),  # the code cache, the samplers, pictures
-    ("pipeline", "loop"),  # prompts -> images; the training skeleton
+    ("pipeline", "loop", "audit"),  # prompts -> images; the training skeleton; the memorisation audit
     ("evaluate", "train_tokenizer", "train_generator"),  # evaluation runs and the two stages
     ("push", "app", "demo", "notebook"),  # what users run
     ("cli",),  # the command line

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_code_cache
 from parti.errors import PartiError
 
 TOTAL = 12  # steps of every run here; checkpoints every 2, evaluation every 3 (sample points inside)
@@ -107,6 +108,11 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
         return {r["step"]: r[key] for r in rows if key in r}
 
     assert losses(resumed) == losses(reference) and len(losses(reference)) == TOTAL
+    # The export holds the best evaluation's weights (compared above); its step and value are the same, in
+    # run.json and in the exported config.json.
+    best = json.loads((reference / "run.json").read_text())["best"]
+    assert best is not None and json.loads((resumed / "run.json").read_text())["best"] == best
+    assert json.loads((resumed / "config.json").read_text())["best"] == best
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +123,8 @@ def tokenizer_reference(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def generator_setup(tmp_path_factory) -> dict:
     """An (untrained) tiny tokenizer, a code cache of 24 train / 24 val synthetic faces, a reference run."""
-    from parti.cache import encode_dataset
-    from parti.tokenizer import build_tokenizer, save_tokenizer
-
     root = tmp_path_factory.mktemp("gen")
-    torch.manual_seed(0)
-    save_tokenizer(build_tokenizer("tiny"), root / "tok")
-    encode_dataset(data="synthetic", tokenizer=root / "tok", out=root / "cache", synthetic_length=24, max_items=24,
-                   batch_size=24, device="cpu", progress=False)
-    options = {**GENERATOR, "data": str(root / "cache"), "tokenizer": str(root / "tok")}
+    options = {**GENERATOR, **tiny_code_cache(root, train_faces=24)}
     return {"root": root, "options": options, "reference": train_in_process("generator", options, root / "reference")}
 
 

@@ -22,7 +22,7 @@ def test_run_json_fields(tmp_path):
     assert info["config"]["model"]["patch"] == [4, 4]  # stored as JSON: tuples become lists
     assert set(info["git"]) == {"commit", "dirty"}
     assert info["git"]["commit"] is None or len(info["git"]["commit"]) == 40
-    assert {"python", "torch", "transformers", "accelerate", "datasets", "numpy", "parti"} <= set(info["versions"])
+    assert {"python", "torch", "transformers", "accelerate", "pyarrow", "numpy", "parti"} <= set(info["versions"])
     assert info["versions"]["torch"] and info["versions"]["numpy"]
     assert info["device"]["type"] in {"cpu", "cuda", "mps"} and info["device"]["count"] >= 1
     assert info["device"]["mixed_precision"] in {"no", "fp16", "bf16"}

@@ -15,6 +15,8 @@ from parti.synthetic import (
     SyntheticFaces,
     chance_level,
     describe,
+    heldout_caption,
+    is_heldout_phrasing,
     make_caption,
     parse_prompt,
     read_attributes,
@@ -67,15 +69,72 @@ def test_captions_name_background_and_hair():
 
 def test_parse_prompt_inverts_describe_and_captions():
     rng = random.Random(0)
-    for _ in range(500):
+    for _ in range(1000):
         attrs = sample_attributes(rng)
         assert parse_prompt(describe(attrs)) == attrs
-        parsed = parse_prompt(make_caption(attrs, rng))
-        assert {"background_color", "hair_color"} <= set(parsed)
-        assert all(attrs[k] == v for k, v in parsed.items()), (make_caption(attrs, rng), parsed)
+        for caption in (make_caption(attrs, rng), heldout_caption(attrs, rng)):
+            parsed = parse_prompt(caption)
+            assert {"background_color", "hair_color"} <= set(parsed), caption
+            assert all(attrs[k] == v for k, v in parsed.items()), (caption, parsed)
+            # A worn accessory is always named: an unnamed one means none is drawn.
+            assert all(name in parsed for name in ("glasses", "hat") if attrs[name]), caption
     assert parse_prompt("a blond-haired man without glasses, grey background") == {
         "hair_color": "blonde", "glasses": False, "background_color": "gray"}
     assert parse_prompt("red hair on a blue background") == {"hair_color": "red", "background_color": "blue"}
+
+
+def test_every_wording_of_every_attribute_occurs():
+    """Every wording (accessory, background, expression, skin, subject) turns up in the training captions, and
+    every attribute is named by some of them, in each position relative to the others."""
+    from parti.synthetic import _ACCESSORY, _BACKGROUND, _EXPRESSION, _SUBJECTS
+
+    faces = SyntheticFaces(size=32, length=3000)
+    captions = [make_caption(*faces.attributes(i)) for i in range(len(faces))]
+    text = "\n".join(captions)
+    wordings = [w for ws in _ACCESSORY.values() for w in ws] + [w for ws in _EXPRESSION.values() for w in ws]
+    wordings += [b.format("red").removeprefix("{} ") for b in _BACKGROUND] + ["-skinned", " skin"]
+    wordings += [s.format("").strip() for s in _SUBJECTS]
+    assert [w for w in wordings if w not in text] == []
+    named = {name: 0 for name in ATTRIBUTES}
+    orders = set()
+    for caption in captions:
+        parsed = parse_prompt(caption)
+        for name in parsed:
+            named[name] += 1
+        orders.add(tuple(sorted(parsed, key=lambda n: _first_mention(caption, n))))
+    assert all(count > 0.4 * len(captions) for count in named.values()), named
+    assert len(orders) > 200  # many word orders, not a handful of templates
+
+
+def _first_mention(caption: str, name: str) -> int:
+    words = {"background_color": ("background", "backdrop"), "hair_color": ("hair",), "hair_length": ("short", "long"),
+             "skin_tone": ("skin",), "expression": ("smil", "neutral"), "glasses": ("glasses",), "hat": ("hat",)}
+    return min(caption.find(w) for w in words[name] if w in caption)
+
+
+def test_heldout_phrasings_never_appear_in_training_captions():
+    """An accessory named before both hair and background is held out: never in the train (or val) split,
+    always in `heldout_caption`; with --holdout too."""
+    for split, holdout in (("train", False), ("val", False), ("train", True)):
+        faces = SyntheticFaces(size=32, length=2000, split=split, holdout=holdout)
+        captions = [make_caption(*faces.attributes(i)) for i in range(len(faces))]  # as faces[i]["caption"]
+        held = [c for c in captions if is_heldout_phrasing(c)]
+        assert held == [], (split, held[:3])
+    rng = random.Random(1)
+    for _ in range(500):
+        assert is_heldout_phrasing(heldout_caption(sample_attributes(rng), rng))
+    assert is_heldout_phrasing("a person in a hat with short black hair on a yellow background")
+    assert not is_heldout_phrasing("a person with short black hair wearing a hat on a yellow background")
+    assert not is_heldout_phrasing("on a red background, glasses, blue hair")
+
+
+def test_demo_prompts_parse_and_some_are_held_out():
+    from parti.prompts import DEMO_PROMPTS
+
+    for prompt in DEMO_PROMPTS:
+        assert {"background_color", "hair_color"} <= set(parse_prompt(prompt)), prompt
+    assert sum(map(is_heldout_phrasing, DEMO_PROMPTS)) >= 2
+    assert any(not {"glasses", "hat"} <= set(parse_prompt(p)) for p in DEMO_PROMPTS)  # an accessory left unasked
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])

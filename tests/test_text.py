@@ -225,7 +225,7 @@ def test_phrase_pieces_make_negations_one_token_on_the_synthetic_captions(tmp_pa
     def pieces(tok, text):
         return [tok.sp.id_to_piece(i) for i in tok.sp.encode(text)]
 
-    assert "▁no" in pieces(words, one) and "▁no▁hat" in pieces(phrases, one)
+    assert "▁no" in pieces(words, one) and any(p.startswith("▁no▁hat") for p in pieces(phrases, one))
     assert any(p.startswith("▁no▁glasses") for p in pieces(phrases, other))
     bag = lambda tok, text: collections.Counter(pieces(tok, text))
     assert sum((bag(words, one) - bag(words, other)).values()) == 0  # "one" is "other" less a word
@@ -304,3 +304,15 @@ def test_configs_and_build_defaults(tmp_path):
     assert (tmp_path / "spm.model").exists() and enc.config.vocab_size == enc.tokenizer.vocab_size < 2000
     with pytest.raises(PartiError, match="captions"):
         build_text_encoder("trainable", config=tiny_config(tokenizer="sentencepiece", vocab_size=400))
+
+
+def test_t5_precision_is_passed_as_each_transformers_spells_it(monkeypatch):
+    """transformers 4.53 (Colab's 2025.07 runtime) refuses from_pretrained(dtype=) with a TypeError: torch_dtype."""
+    import transformers
+
+    from parti.text import _dtype_argument
+
+    monkeypatch.setattr(transformers, "__version__", "4.53.2")
+    assert _dtype_argument(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    assert _dtype_argument(torch.float16) == {"dtype": torch.float16}
